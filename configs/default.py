@@ -1,0 +1,85 @@
+"""Every configuration field, with its meaning. Variants import this and override.
+
+Override any field on the command line, e.g. ``--config.training.batch_size=64``.
+Fields left at ``None`` are derived from the others when a run starts (the derived value
+is written to the workdir's config.json and to every report).
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # one seed for parameters, data order and every random draw
+
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "cifar10"  # digits | photo_patches | cifar10 | imagenet32_old | imagenet32_new | image_folder
+  data.image_size = 32  # height = width of the images
+  data.channels = 3  # channels per pixel
+  data.num_levels = 256  # V: integer levels per channel (256 for 8-bit images)
+  data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: tfds default)
+  data.folder = ml_collections.config_dict.placeholder(str)  # image_folder: root with train/ and test/
+  data.manual_dir = ml_collections.config_dict.placeholder(str)  # imagenet32_new: the downloaded zips
+
+  config.model = model = ml_collections.ConfigDict()
+  model.arch = "unet"  # unet | oracle (closed-form velocity of the training set, SPEC 6)
+  model.schedule = "VP"  # VP | SP
+  model.parameterization = "velocity"  # velocity | eps
+  model.gamma_min = ml_collections.config_dict.placeholder(float)  # None: -2 log(3 V), -13.28 for 8-bit
+  model.gamma_max = 5.0  # noise end of the schedule
+  model.channels = 128  # U-Net width
+  model.num_blocks = 32  # ResNet blocks on the down path (the up path has one more)
+  model.embed_dim = 512  # width of the time-embedding MLP
+  model.attention = True  # single-head self-attention in the middle block
+  model.dropout = 0.1  # dropout rate inside the ResNet blocks
+  model.num_groups = 32  # GroupNorm groups (gcd with the channel count is used)
+  model.fourier_features = True  # append Fourier features of the input
+  model.fourier_min = 6  # lowest frequency exponent: 2^n * 2 pi
+  model.fourier_max = 7  # highest frequency exponent
+  model.base_measure_skip = True  # output += input (VDM); parity with the official code
+  model.second_order = False  # add the second-order flow-matching loss (fine-tuning)
+  model.second_order_weight = 0.1  # lambda of the second-order loss
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global batch (split over all devices and hosts)
+  training.num_steps = 6_000_000  # optimizer updates in total
+  training.learning_rate = 2e-4  # peak learning rate
+  training.warmup_steps = 100  # linear warm-up from 0
+  training.b1 = 0.9  # AdamW beta1
+  training.b2 = 0.99  # AdamW beta2
+  training.eps = 1e-8  # AdamW epsilon
+  training.weight_decay = 0.01  # AdamW decoupled weight decay (not on biases / norms)
+  training.grad_clip = 1.0  # clip the global gradient norm (0: off)
+  training.ema_decay = 0.9999  # EMA of parameters used for evaluation
+  training.grad_accum_steps = 1  # micro-batches per update (optax.MultiSteps)
+  training.importance_sampling = True  # gamma ~ alpha^2 (velocity only)
+  training.antithetic_time = True  # stratified time draws across the batch
+  training.dequantization = "none"  # none | uniform | tn (data fed to the forward diffusion)
+  training.log_every = 100  # steps between metrics.jsonl / TensorBoard rows
+  training.checkpoint_every = 5000  # steps between checkpoints
+  training.keep_checkpoints = 3  # checkpoints kept on disk
+  training.init_from = ""  # workdir or checkpoint dir to start a new run from ("" : none)
+  training.eval_every = 0  # steps between test bits/dim evaluations during training (0: off)
+  training.eval_images = 128  # test images used by those evaluations
+
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.split = "test"  # which split eval_bpd evaluates
+  evaluation.dequantization = "tn"  # tn | v | u
+  evaluation.num_importance = 1  # K samples of the importance-weighted bound
+  evaluation.analytic_entropy = False  # tn with K = 1: use the entropy of q instead of -log q
+  evaluation.divergence = "rademacher"  # rademacher | gaussian | exact
+  evaluation.solver = "tsit5"  # tsit5 | dopri5 (on device, diffrax) | scipy_rk45 (host)
+  evaluation.rtol = 1e-5  # relative tolerance of the adaptive solver
+  evaluation.atol = 1e-5  # absolute tolerance
+  evaluation.max_steps = 4096  # solver steps before it gives up (reported as an error)
+  evaluation.batch_size = 128  # images per ODE solve
+  evaluation.num_images = ml_collections.config_dict.placeholder(int)  # None: the whole split
+  evaluation.gamma_u = ml_collections.config_dict.placeholder(float)  # u start; None: -11.8 + 2 log(256/V)
+
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.num_samples = 64  # images drawn by --mode=sample
+  sample.batch_size = 64  # images per ODE solve
+  sample.decode = "argmax"  # argmax (decoder) | round
+  sample.rtol = 1e-5
+  sample.atol = 1e-5
+  return config

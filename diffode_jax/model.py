@@ -1,0 +1,125 @@
+"""Composes the pieces a config describes: schedule, parameterization, network, loss, drift.
+
+``finalize_config`` fills the derived fields (gamma_min from the bit depth, gamma_u) and
+checks the choices; everything else here is a small factory over pure functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffode_jax import ode
+from diffode_jax.likelihood import EvalSettings
+from diffode_jax.losses import LossConfig, make_loss_fn
+from diffode_jax.networks import make_network
+from diffode_jax.parameterization import Parameterization, make_parameterization
+from diffode_jax.schedules import Schedule, default_gamma_min, default_gamma_u, make_schedule
+from diffode_jax.time_sampling import make_time_sampler
+
+ARCHS = ("unet", "oracle")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; shown to the user as one line."""
+
+
+def finalize_config(config):
+  """A copy of config with derived fields filled in and the choices validated."""
+  config = copy.deepcopy(config)
+  v = config.data.num_levels
+  if not isinstance(v, int) or v < 2:
+    raise ConfigError(f"data.num_levels must be an integer >= 2, got {v!r}")
+  with config.unlocked():
+    if config.model.gamma_min is None:
+      config.model.gamma_min = default_gamma_min(v)
+    if config.eval.gamma_u is None:
+      config.eval.gamma_u = default_gamma_u(v)
+  if config.model.arch not in ARCHS:
+    raise ConfigError(f"unknown model.arch {config.model.arch!r}; expected one of {ARCHS}")
+  try:
+    schedule = make_schedule(config.model)
+    make_parameterization(config.model, schedule)
+    make_time_sampler(config, schedule)
+    eval_settings(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.model.second_order and config.model.parameterization != "velocity":
+    raise ConfigError("model.second_order applies to the velocity parameterization")
+  return config
+
+
+def eval_settings(config, **overrides) -> EvalSettings:
+  """EvalSettings from config.eval; overrides accept the EvalSettings and solver fields."""
+  e = config.eval
+  solver_fields = {f.name for f in dataclasses.fields(ode.SolverConfig)}
+  solver_kw = {"solver": e.solver, "rtol": e.rtol, "atol": e.atol, "max_steps": e.max_steps}
+  solver_kw.update({k: v for k, v in overrides.items() if k in solver_fields})
+  rest = {k: v for k, v in overrides.items() if k not in solver_fields}
+  unknown = set(rest) - {"dequantization", "num_importance", "analytic_entropy",
+                         "divergence", "gamma_u"}
+  if unknown:
+    raise ValueError(f"unknown evaluation override(s): {sorted(unknown)}")
+  kw = {"dequantization": e.dequantization, "num_importance": e.num_importance,
+        "analytic_entropy": e.analytic_entropy, "divergence": e.divergence,
+        "gamma_u": e.gamma_u}
+  kw.update(rest)
+  return EvalSettings(solver=ode.SolverConfig(**solver_kw), **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+  """Everything a run needs, built once from a finalized config."""
+
+  schedule: Schedule
+  parameterization: Parameterization
+  init_params: Callable[[Any], Any]  # key -> params
+  net_fn: Callable  # (params, x, gamma, dropout_key | None, train) -> F
+  loss_fn: Callable  # (params, k, key, train) -> (bpd, LossTerms)
+  dim: int
+  num_levels: int
+
+  def drift(self, params, x, gamma):
+    """Probability-flow drift dx/dgamma (evaluation: no dropout)."""
+    return self.parameterization.drift(self.net_fn(params, x, gamma, None, False), x, gamma)
+
+
+def unet_net_fn(config):
+  """(init_params, net_fn) for the U-Net of config.model."""
+  network = make_network(config)
+  shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+
+  def init_params(key):
+    return network.init({"params": key}, jnp.zeros(shape, jnp.float32),
+                        jnp.zeros((1,), jnp.float32), train=False)["params"]
+
+  def net_fn(params, x, gamma, dropout_key, train):
+    rngs = {"dropout": dropout_key} if dropout_key is not None else None
+    return network.apply({"params": params}, x, gamma, train=train, rngs=rngs)
+
+  return init_params, net_fn
+
+
+def build(config, net=None) -> Components:
+  """Components of a finalized config; ``net`` = (init_params, net_fn) overrides the U-Net."""
+  schedule = make_schedule(config.model)
+  parameterization = make_parameterization(config.model, schedule)
+  init_params, net_fn = net if net is not None else unet_net_fn(config)
+  loss_cfg = LossConfig(num_levels=config.data.num_levels,
+                        second_order=bool(config.model.second_order),
+                        second_order_weight=float(config.model.second_order_weight),
+                        train_dequantization=config.training.dequantization)
+  loss_fn = make_loss_fn(net_fn, parameterization, make_time_sampler(config, schedule),
+                         loss_cfg)
+  dim = config.data.image_size**2 * config.data.channels
+  return Components(schedule, parameterization, init_params, net_fn, loss_fn, dim,
+                    config.data.num_levels)
+
+
+def count_params(params) -> int:
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(params))

@@ -1,0 +1,158 @@
+"""The probability-flow ODE augmented with the log-density change (SPEC 5).
+
+State (x, l) with x of shape (B, H, W, C) and l of shape (B,), integrated in gamma from
+gamma_0 (data end) to gamma_max:
+
+    d/dgamma [x, l] = [drift(x, gamma), div_x drift(x, gamma)],   l(gamma_0) = 0,
+    log p_gamma0(x_0) = log p_gamma_max(x_1) + l(gamma_max).
+
+The batch is solved as one system (one step-size sequence for all its images), as in the
+reference implementations. The drift must act on each image independently (no batch
+statistics), so that its Jacobian is block-diagonal and per-image traces are well defined.
+
+Divergence estimators:
+
+* ``rademacher`` / ``gaussian``: Hutchinson, v^T J v with one probe v per image drawn
+  once per solve. J v comes from a forward-mode Jacobian-vector product, which returns
+  the drift too, so one call gives both. (A vector-Jacobian product gives the same
+  estimator, but XLA:CPU runs convolution VJPs several times slower inside loops,
+  jax-ml/jax#12868; see bench/eval_speed.py.)
+* ``exact``: the full trace from D Jacobian-vector products with the basis vectors, for
+  small images and tests.
+
+Solvers: diffrax's adaptive ``tsit5`` / ``dopri5`` with a PID controller, jit-compiled, the
+solve never leaving the device; and ``scipy_rk45``, the official code's host loop, for
+checking numbers against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DIVERGENCES = ("rademacher", "gaussian", "exact")
+SOLVERS = ("tsit5", "dopri5", "scipy_rk45")
+
+# drift_fn(x, gamma) -> dx/dgamma for a batch x and a scalar gamma.
+DriftFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+class SolverError(RuntimeError):
+  """The ODE solver did not reach the end of the interval (e.g. max_steps exhausted)."""
+
+
+def _sum(a):
+  return a.reshape(a.shape[0], -1).sum(axis=-1)
+
+
+def draw_probe(kind: str, key, shape, dtype=jnp.float32):
+  """A Hutchinson probe (E[v v^T] = I), or None for the exact trace."""
+  if kind == "rademacher":
+    return jax.random.rademacher(key, shape, dtype=dtype)
+  if kind == "gaussian":
+    return jax.random.normal(key, shape, dtype)
+  if kind == "exact":
+    return None
+  raise ValueError(f"unknown divergence {kind!r}; expected one of {DIVERGENCES}")
+
+
+def drift_and_divergence(drift_fn: DriftFn, x, gamma, probe):
+  """(drift, divergence per image); exact trace when probe is None."""
+  if probe is not None:
+    dx, jv = jax.jvp(lambda y: drift_fn(y, gamma), (x,), (probe,))
+    return dx, _sum(probe * jv)
+  dim = math.prod(x.shape[1:])
+  dx = drift_fn(x, gamma)
+
+  def diag_entry(i):
+    basis = jax.nn.one_hot(i, dim, dtype=x.dtype).reshape((1,) + x.shape[1:])
+    tangent = jnp.broadcast_to(basis, x.shape)
+    _, jv = jax.jvp(lambda y: drift_fn(y, gamma), (x,), (tangent,))
+    return jv.reshape(x.shape[0], -1)[:, i]
+
+  return dx, jax.vmap(diag_entry, out_axes=1)(jnp.arange(dim)).sum(axis=1)
+
+
+def augmented_vector_field(drift_fn: DriftFn, probe):
+  """The diffrax-style field f(gamma, (x, l), args) of the augmented ODE."""
+
+  def field(gamma, state, args):
+    del args
+    x, _ = state
+    return drift_and_divergence(drift_fn, x, gamma, probe)
+
+  return field
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+  solver: str = "tsit5"
+  rtol: float = 1e-5
+  atol: float = 1e-5
+  max_steps: int = 4096
+  pcoeff: float = 0.0
+  icoeff: float = 1.0
+  dcoeff: float = 0.0
+
+  def __post_init__(self):
+    if self.solver not in SOLVERS:
+      raise ValueError(f"unknown solver {self.solver!r}; expected one of {SOLVERS}")
+
+
+def _diffrax_solver(name: str):
+  return {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}[name]()
+
+
+def solve_diffrax(field, y0, t0, t1, cfg: SolverConfig):
+  """Integrates field from t0 to t1 on device; returns (y1, nfe, success) as arrays.
+
+  nfe counts vector-field evaluations: 6 per attempted step of the 7-stage FSAL solvers
+  plus 1 for the start (checked against a counting callback in the tests).
+  """
+  controller = diffrax.PIDController(rtol=cfg.rtol, atol=cfg.atol, pcoeff=cfg.pcoeff,
+                                     icoeff=cfg.icoeff, dcoeff=cfg.dcoeff)
+  sol = diffrax.diffeqsolve(
+      diffrax.ODETerm(field), _diffrax_solver(cfg.solver), t0=t0, t1=t1, dt0=None, y0=y0,
+      stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True),
+      max_steps=cfg.max_steps, throw=False)
+  y1 = jax.tree.map(lambda a: a[-1], sol.ys)
+  nfe = 6 * sol.stats["num_steps"] + 1
+  return y1, nfe, sol.result == diffrax.RESULTS.successful
+
+
+def solve_scipy(field, y0, t0, t1, cfg: SolverConfig):
+  """The official code's path: scipy's RK45 on the host, one jitted call per evaluation.
+
+  Returns (y1, nfe, success) as numpy values.
+  """
+  from scipy.integrate import solve_ivp  # host-only dependency of this path
+
+  x0, l0 = y0
+  shape, n = x0.shape, x0.size
+  jitted = jax.jit(lambda t, x: field(t, (x, l0), None))
+
+  def rhs(t, flat):
+    x = jnp.asarray(flat[:n].reshape(shape), x0.dtype)
+    dx, dl = jitted(jnp.asarray(t, x0.dtype), x)
+    return np.concatenate([np.asarray(dx, np.float64).ravel(), np.asarray(dl, np.float64)])
+
+  flat0 = np.concatenate([np.asarray(x0, np.float64).ravel(), np.asarray(l0, np.float64)])
+  sol = solve_ivp(rhs, (float(t0), float(t1)), flat0, method="RK45", rtol=cfg.rtol,
+                  atol=cfg.atol)
+  end = sol.y[:, -1]
+  y1 = (end[:n].reshape(shape).astype(np.float32), end[n:].astype(np.float32))
+  return y1, sol.nfev, bool(sol.success)
+
+
+def timed(fn, *args):
+  """Runs fn and blocks on its result; returns (result, seconds)."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - start
