@@ -73,7 +73,7 @@ def make_train_step(loss_fn, optimizer: optax.MultiSteps, ema_decay: float, dim:
         "diffusion_bpd": nats_to_bpd(terms.diffusion.mean(), dim),
         "second_order_bpd": nats_to_bpd(terms.second_order.mean(), dim),
         "sde_bpd": nats_to_bpd(terms.sde_nats().mean(), dim),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     return new_state, metrics
 
