@@ -33,7 +33,7 @@ from diffode_jax.decoder import decoder_log_likelihood
 from diffode_jax.dequantization import dequantize_for_training
 from diffode_jax.discretization import bin_centre, nats_to_bpd
 from diffode_jax.parameterization import Parameterization
-from diffode_jax.schedules import Schedule, expand_like
+from diffode_jax.schedules import Schedule
 from diffode_jax.time_sampling import TimeSampler
 
 # net_fn(params, x_gamma, gamma, dropout_key_or_None, train) -> F
