@@ -21,9 +21,9 @@ The same samplers serve training-time dequantization (``dequantize_for_training`
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import erf
@@ -65,13 +65,13 @@ def _sum_per_example(a):
   return a.reshape(a.shape[0], -1).sum(axis=-1)
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class Dequantized:
-  """z0: ODE start state; gamma0: its time; log_weight: per-example nats (see module)."""
+  """z0: ODE start state; gamma0: its time (static); log_weight: per-example nats."""
 
   z0: jnp.ndarray
-  gamma0: float
   log_weight: jnp.ndarray
+  gamma0: float = flax.struct.field(pytree_node=False)
 
 
 def dequantize(kind: str, key, k, schedule: Schedule, num_levels: int, gamma_u: float,
@@ -88,7 +88,7 @@ def dequantize(kind: str, key, k, schedule: Schedule, num_levels: int, gamma_u: 
     alpha_u = schedule.alpha(g_u)
     z0 = alpha_u * uniform_in_bin(key, k, num_levels)
     log_weight = dim * (jnp.log(alpha_u) + math.log(2.0 / num_levels))
-    return Dequantized(z0, float(gamma_u), jnp.full((k.shape[0],), log_weight))
+    return Dequantized(z0, jnp.full((k.shape[0],), log_weight), float(gamma_u))
 
   x = bin_centre(k, num_levels)
   alpha0, sigma0, tau = truncation(schedule, num_levels)
@@ -99,13 +99,13 @@ def dequantize(kind: str, key, k, schedule: Schedule, num_levels: int, gamma_u: 
       neg_log_q = jnp.full((k.shape[0],), 0.5 * dim * truncated_normal_second_moment(tau))
     else:
       neg_log_q = 0.5 * _sum_per_example(eps**2)
-    return Dequantized(alpha0 * x + sigma0 * eps, schedule.gamma_min, neg_log_q + log_norm)
+    return Dequantized(alpha0 * x + sigma0 * eps, neg_log_q + log_norm, schedule.gamma_min)
   if kind == "v":
     eps = jax.random.normal(key, k.shape, jnp.float32)
     z0 = alpha0 * x + sigma0 * eps
     neg_log_q = 0.5 * _sum_per_example(eps**2) + dim * (jnp.log(sigma0) + _HALF_LOG_2PI)
     log_dec = decoder_log_likelihood(k, z0, schedule, num_levels)
-    return Dequantized(z0, schedule.gamma_min, log_dec + neg_log_q)
+    return Dequantized(z0, log_dec + neg_log_q, schedule.gamma_min)
   raise ValueError(
       f"unknown dequantization {kind!r}; expected one of {EVAL_DEQUANTIZATIONS}")
 
