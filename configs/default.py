@@ -79,7 +79,9 @@ def get_config():
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_samples = 64  # images drawn by --mode=sample
   sample.batch_size = 64  # images per ODE solve
-  sample.decode = "argmax"  # argmax (decoder) | round
-  sample.rtol = 1e-5
-  sample.atol = 1e-5
+  sample.decode = "argmax"  # argmax (decoder mode) | sample (decoder draw) | round (nearest bin)
+  sample.solver = "tsit5"  # tsit5 | dopri5 (diffrax, on device)
+  sample.rtol = 1e-5  # relative tolerance of the sampling ODE
+  sample.atol = 1e-5  # absolute tolerance
+  sample.max_steps = 4096  # solver steps before sampling gives up (reported as an error)
   return config

@@ -10,8 +10,10 @@ from diffode_jax.data import DataError
 from diffode_jax.likelihood import LikelihoodError
 from diffode_jax.model import ConfigError
 from diffode_jax.run import TrainingError
+from diffode_jax.sampling import SamplingError
 
-USER_ERRORS = (CheckpointError, DataError, LikelihoodError, ConfigError, TrainingError)
+USER_ERRORS = (CheckpointError, DataError, LikelihoodError, ConfigError, TrainingError,
+               SamplingError)
 
 
 def dispatch(config, workdir: str, mode: str) -> int:

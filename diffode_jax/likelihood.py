@@ -1,5 +1,9 @@
 """Bits/dim of integer images under a diffusion ODE (SPEC 5).
 
+``make_log_prob_fn`` builds the per-batch bound; ``evaluate_batches`` runs it over a data
+set batch by batch (the one evaluation loop, shared by ``run.evaluate`` and the Python
+API) and ``summarize`` turns its rows into the report fields.
+
 Pipeline per batch: dequantize (``dequantization.py``) -> solve the augmented ODE from
 gamma_0 to gamma_max (``ode.py``) -> add the prior log N(x_1; 0, sigma_max^2 I) and the
 dequantizer's log-weight -> importance-weight K samples -> bits/dim.
@@ -90,12 +94,16 @@ def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
   if s.solver.solver == "scipy_rk45":
     prepare_jit = jax.jit(prepare)
 
+    def field(gamma, state, args):  # one function for all solves: compiled once
+      params, probe = args
+      return ode.augmented_vector_field(lambda x, g: drift(params, x, g), probe)(
+          gamma, state, None)
+
     def one_sample(params, k, key):
       deq, probe = prepare_jit(k, key)
-      field = ode.augmented_vector_field(lambda x, g: drift(params, x, g), probe)
       y0 = (deq.z0, jnp.zeros(k.shape[0], jnp.float32))
       (x1, delta), nfe, ok = ode.solve_scipy(field, y0, deq.gamma0, schedule.gamma_max,
-                                             s.solver)
+                                             s.solver, args=(params, probe))
       return np.asarray(finish(jnp.asarray(x1), jnp.asarray(delta), deq.log_weight)), nfe, ok
   else:
 
@@ -147,3 +155,56 @@ def check_bound(bound: Bound, settings: EvalSettings):
         f"atol={settings.solver.atol}); raise eval.max_steps or loosen the tolerances")
   if not np.all(np.isfinite(bound.log_prob)):
     raise LikelihoodError("the likelihood is not finite (NaN or Inf in the ODE solve)")
+
+
+def settings_report(settings: EvalSettings) -> dict:
+  """The settings fields of a report (eval/bpd.json and the Python API)."""
+  return {"dequantization": settings.dequantization,
+          "num_importance": settings.num_importance,
+          "analytic_entropy": settings.analytic_entropy,
+          "divergence": settings.divergence, "solver": settings.solver.solver,
+          "rtol": settings.solver.rtol, "atol": settings.solver.atol}
+
+
+def evaluate_batches(log_prob_fn, params, images, batch_size: int, key, settings: EvalSettings,
+                     dim: int, sde_fn=None, first_batch: int = 0):
+  """Yields the per-image rows of images[first_batch * batch_size:], one batch at a time.
+
+  Batch b uses the key ``fold_in(key, b)``, so a resumed loop (first_batch > 0) draws
+  exactly the noise an uninterrupted one would. Each row holds ``index``, ``log_prob``
+  (nats, the lower bound on log P(k)), ``bpd`` and ``nfe`` (mean over the K samples), and
+  ``sde_bpd`` when ``sde_fn(params, k, key) -> nats`` is given. Raises LikelihoodError on
+  a solver failure or a non-finite bound.
+  """
+  num_batches = -(-len(images) // batch_size)
+  for b in range(first_batch, num_batches):
+    lo, hi = b * batch_size, min((b + 1) * batch_size, len(images))
+    k = jnp.asarray(images[lo:hi])
+    bkey = jax.random.fold_in(key, b)
+    bound = log_prob_fn(params, k, bkey)
+    check_bound(bound, settings)
+    bpd = bits_per_dim(bound.log_prob, dim)
+    rows = [{"index": lo + i, "log_prob": float(bound.log_prob[i]), "bpd": float(bpd[i]),
+             "nfe": float(np.mean(bound.nfe))} for i in range(hi - lo)]
+    if sde_fn is not None:
+      sde = bits_per_dim(-np.asarray(sde_fn(params, k, jax.random.fold_in(bkey, 1 << 20))),
+                         dim)
+      for row, value in zip(rows, sde):
+        row["sde_bpd"] = float(value)
+    yield rows
+
+
+def _mean_and_stderr(values):
+  values = np.asarray(values, np.float64)
+  stderr = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+  return float(values.mean()), float(stderr)
+
+
+def summarize(rows) -> dict:
+  """Mean and standard error of bpd (and sde_bpd when present), mean NFE, image count."""
+  out = {"num_images": len(rows)}
+  out["bpd"], out["bpd_stderr"] = _mean_and_stderr([r["bpd"] for r in rows])
+  if rows and "sde_bpd" in rows[0]:
+    out["sde_bpd"], out["sde_bpd_stderr"] = _mean_and_stderr([r["sde_bpd"] for r in rows])
+  out["nfe_mean"] = float(np.mean([r["nfe"] for r in rows]))
+  return out

@@ -18,7 +18,9 @@ from diffode_jax import ode
 from diffode_jax.likelihood import EvalSettings
 from diffode_jax.losses import LossConfig, make_loss_fn
 from diffode_jax.networks import make_network
+from diffode_jax.oracle import oracle_net
 from diffode_jax.parameterization import Parameterization, make_parameterization
+from diffode_jax.sampling import sample_settings
 from diffode_jax.schedules import Schedule, default_gamma_min, default_gamma_u, make_schedule
 from diffode_jax.time_sampling import make_time_sampler
 
@@ -47,6 +49,7 @@ def finalize_config(config):
     make_parameterization(config.model, schedule)
     make_time_sampler(config, schedule)
     eval_settings(config)
+    sample_settings(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if config.model.second_order and config.model.parameterization != "velocity":
@@ -105,11 +108,29 @@ def unet_net_fn(config):
   return init_params, net_fn
 
 
-def build(config, net=None) -> Components:
-  """Components of a finalized config; ``net`` = (init_params, net_fn) overrides the U-Net."""
+def oracle_net_fn(config, train_images):
+  """(init_params, net_fn) of the closed-form oracle of train_images (SPEC 6)."""
+  parameterization = make_parameterization(config.model, make_schedule(config.model))
+  return oracle_net(train_images, config.data.num_levels, parameterization)
+
+
+def build(config, net=None, train_images=None) -> Components:
+  """Components of a finalized config.
+
+  The network is config.model.arch: the U-Net, or the oracle of ``train_images`` (the
+  integer training set, required for arch 'oracle'). ``net`` = (init_params, net_fn)
+  overrides both.
+  """
   schedule = make_schedule(config.model)
   parameterization = make_parameterization(config.model, schedule)
-  init_params, net_fn = net if net is not None else unet_net_fn(config)
+  if net is None:
+    if config.model.arch == "oracle":
+      if train_images is None:
+        raise ConfigError("model.arch='oracle' needs the training images to build")
+      net = oracle_net_fn(config, train_images)
+    else:
+      net = unet_net_fn(config)
+  init_params, net_fn = net
   loss_cfg = LossConfig(num_levels=config.data.num_levels,
                         second_order=bool(config.model.second_order),
                         second_order_weight=float(config.model.second_order_weight),

@@ -127,20 +127,22 @@ def solve_diffrax(field, y0, t0, t1, cfg: SolverConfig):
   return y1, nfe, sol.result == diffrax.RESULTS.successful
 
 
-def solve_scipy(field, y0, t0, t1, cfg: SolverConfig):
+def solve_scipy(field, y0, t0, t1, cfg: SolverConfig, args=None):
   """The official code's path: scipy's RK45 on the host, one jitted call per evaluation.
 
-  Returns (y1, nfe, success) as numpy values.
+  ``field(t, (x, l), args)`` is jitted as it is, so a field defined once and called with
+  changing ``args`` (params, probe) compiles once for all solves. Returns (y1, nfe,
+  success) as numpy values.
   """
   from scipy.integrate import solve_ivp  # host-only dependency of this path
 
   x0, l0 = y0
   shape, n = x0.shape, x0.size
-  jitted = jax.jit(lambda t, x: field(t, (x, l0), None))
+  jitted = jax.jit(field)
 
   def rhs(t, flat):
     x = jnp.asarray(flat[:n].reshape(shape), x0.dtype)
-    dx, dl = jitted(jnp.asarray(t, x0.dtype), x)
+    dx, dl = jitted(jnp.asarray(t, x0.dtype), (x, l0), args)
     return np.concatenate([np.asarray(dx, np.float64).ravel(), np.asarray(dl, np.float64)])
 
   flat0 = np.concatenate([np.asarray(x0, np.float64).ravel(), np.asarray(l0, np.float64)])

@@ -8,6 +8,10 @@ Workdir layout:
     tensorboard/           TensorBoard events
     eval/bpd.json          evaluation report (SPEC 5 fields + checkpoint step)
     eval/per_image.jsonl   per-image bits/dim, appended batch by batch (resumable)
+    samples/               grid.png, samples.npz, sample.json of --mode=sample
+
+With model.arch = "oracle" (SPEC 6) there is nothing to train or restore: evaluation and
+sampling take the params from the training split.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffode_jax import data as data_lib
 from diffode_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from diffode_jax.likelihood import bits_per_dim, check_bound, make_log_prob_fn
-from diffode_jax.model import build, eval_settings, finalize_config
+from diffode_jax.likelihood import (evaluate_batches, make_log_prob_fn, settings_report,
+                                    summarize)
+from diffode_jax.model import ConfigError, build, eval_settings, finalize_config
+from diffode_jax.sampling import draw, image_grid, make_sample_fn, sample_settings
 from diffode_jax.train_state import (create_train_state, learning_rate_schedule,
                                      make_optimizer, make_train_step)
 
@@ -116,6 +122,9 @@ def restore_for_eval(config, workdir: str, components, step=None):
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) in workdir; returns the last logged metrics."""
   config = finalize_config(config)
+  if config.model.arch == "oracle":
+    raise ConfigError("model.arch='oracle' is closed-form and has nothing to train; "
+                      "use --mode=eval_bpd or --mode=sample")
   ensure_workdir(workdir)
   t = config.training
   check_batch(t.batch_size, "training.batch_size")
@@ -272,12 +281,35 @@ class _StopSignal:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(config, workdir: str) -> dict:
-  """bits/dim of the EMA params of the latest checkpoint on config.eval.split."""
-  config = finalize_config(config)
-  ensure_workdir(workdir)
+def eval_key(config):
+  """The root key of evaluation: batch b of eval_bpd uses fold_in(eval_key, b)."""
+  return _rng(config, "eval")
+
+
+def model_for_eval(config, workdir, step=None):
+  """(components, params, checkpoint step) of a finalized config.
+
+  The U-Net restores the EMA params of a checkpoint in workdir (the latest when step is
+  None). The oracle has no checkpoint: its params are the training split, step is None.
+  """
+  if config.model.arch == "oracle":
+    train_images = data_lib.load_split(config.data, "train").images
+    components = build(config, train_images=train_images)
+    return components, components.init_params(None), None
   components = build(config)
-  params, ckpt_step = restore_for_eval(config, workdir, components)
+  params, ckpt_step = restore_for_eval(config, workdir, components, step)
+  return components, params, ckpt_step
+
+
+def evaluate(config, workdir: str) -> dict:
+  """bits/dim of the EMA params of the latest checkpoint (or the oracle) on eval.split.
+
+  Per-image rows are appended to eval/per_image.jsonl after every batch; a rerun with the
+  same settings keeps the finished batches and computes only the missing ones.
+  """
+  config = finalize_config(config)
+  components, params, ckpt_step = model_for_eval(config, workdir)
+  ensure_workdir(workdir)
   e = config.eval
   split = data_lib.load_split(config.data, e.split)
   images = split.images if e.num_images is None else split.images[:e.num_images]
@@ -288,57 +320,36 @@ def evaluate(config, workdir: str) -> dict:
 
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)
-  header = {"checkpoint_step": ckpt_step, "dequantization": settings.dequantization,
-            "num_importance": settings.num_importance, "solver": settings.solver.solver,
-            "rtol": settings.solver.rtol, "atol": settings.solver.atol,
-            "divergence": settings.divergence, "batch_size": e.batch_size,
-            "analytic_entropy": settings.analytic_entropy, "seed": config.seed,
-            "split": e.split}
-  done = _load_partial(os.path.join(eval_dir, "per_image.jsonl"), header)
+  header = {"checkpoint_step": ckpt_step, "batch_size": e.batch_size, "seed": config.seed,
+            "split": e.split, "dataset": split.name, "arch": config.model.arch}
+  header.update(settings_report(settings))
   per_image = os.path.join(eval_dir, "per_image.jsonl")
+  done = _load_partial(per_image, header)
+  first_batch = len(done) // e.batch_size
+  done = done[:first_batch * e.batch_size]  # a batch cut short by a kill is redone whole
   with open(per_image, "w") as f:
     f.write(json.dumps({"header": header}) + "\n")
     for row in done:
       f.write(json.dumps(row) + "\n")
 
-  key = _rng(config, "eval")
-  num_batches = -(-len(images) // e.batch_size)
   start = time.perf_counter()
   bar = _progress(len(images), len(done), "eval_bpd")
   try:
-    for b in range(num_batches):
-      lo, hi = b * e.batch_size, min((b + 1) * e.batch_size, len(images))
-      if hi <= len(done):
-        continue
-      k = jnp.asarray(images[lo:hi])
-      bkey = jax.random.fold_in(key, b)
-      bound = log_prob(params, k, bkey)
-      check_bound(bound, settings)
-      bpd = bits_per_dim(bound.log_prob, components.dim)
-      sde = bits_per_dim(-np.asarray(sde_fn(params, k, jax.random.fold_in(bkey, 1 << 20))),
-                         components.dim)
-      rows = [{"index": lo + i, "bpd": float(bpd[i]), "sde_bpd": float(sde[i]),
-               "nfe": float(np.mean(bound.nfe))} for i in range(hi - lo)]
+    for rows in evaluate_batches(log_prob, params, images, e.batch_size, eval_key(config),
+                                 settings, components.dim, sde_fn, first_batch):
       with open(per_image, "a") as f:
         for row in rows:
           f.write(json.dumps(row) + "\n")
       done.extend(rows)
-      bar.update(hi - lo)
-      bar.set_postfix(bpd=f"{np.mean([r['bpd'] for r in done]):.4f}")
+      bar.update(len(rows))
+      bar.set_postfix(bpd=f"{np.mean([r['bpd'] for r in done]):.4f}",
+                      nfe=f"{rows[0]['nfe']:.0f}")
   finally:
     bar.close()
 
-  bpds = np.array([r["bpd"] for r in done])
-  sdes = np.array([r["sde_bpd"] for r in done])
   report = dict(header)
+  report.update(summarize(done))
   report.update({
-      "bpd": float(bpds.mean()),
-      "bpd_stderr": float(bpds.std(ddof=1) / math.sqrt(len(bpds))) if len(bpds) > 1 else 0.0,
-      "sde_bpd": float(sdes.mean()),
-      "sde_bpd_stderr": float(sdes.std(ddof=1) / math.sqrt(len(sdes))) if len(sdes) > 1 else 0.0,
-      "nfe_mean": float(np.mean([r["nfe"] for r in done])),
-      "num_images": int(len(bpds)),
-      "dataset": split.name,
       "dataset_version": split.version,
       "gamma_min": config.model.gamma_min,
       "gamma_u": config.eval.gamma_u if settings.dequantization == "u" else None,
@@ -366,3 +377,43 @@ def _load_partial(path: str, header: dict) -> list:
     pass  # a line cut by a kill: keep the rows before it
   rows.sort(key=lambda r: r["index"])
   return [r for i, r in enumerate(rows) if r["index"] == i]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample(config, workdir: str) -> str:
+  """Draws config.sample.num_samples images; writes samples/grid.png, samples.npz, sample.json.
+
+  Returns the path of grid.png. NFE per batch goes to samples.npz and sample.json.
+  """
+  from PIL import Image  # a dependency for the PNG grid only
+
+  config = finalize_config(config)
+  components, params, ckpt_step = model_for_eval(config, workdir)
+  ensure_workdir(workdir)
+  s = config.sample
+  settings = sample_settings(config)
+  d = config.data
+  shape = (s.batch_size, d.image_size, d.image_size, d.channels)
+  sample_fn = make_sample_fn(components.drift, components.schedule, components.num_levels,
+                             shape, settings)
+  start = time.perf_counter()
+  images, nfes = draw(sample_fn, params, _rng(config, "sample"), s.num_samples, s.batch_size)
+  wall = time.perf_counter() - start
+
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  grid = image_grid(images, components.num_levels)
+  grid_path = os.path.join(out_dir, "grid.png")
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(grid_path)
+  np.savez(os.path.join(out_dir, "samples.npz"), images=images, nfe=np.asarray(nfes),
+           num_levels=components.num_levels)
+  write_json(os.path.join(out_dir, "sample.json"), {
+      "checkpoint_step": ckpt_step, "arch": config.model.arch, "num_samples": len(images),
+      "decode": settings.decode, "solver": settings.solver.solver,
+      "rtol": settings.solver.rtol, "atol": settings.solver.atol,
+      "nfe_mean": float(np.mean(nfes)), "wall_time_s": wall})
+  logging.info("wrote %d samples to %s (NFE %.0f per batch)", len(images), out_dir,
+               np.mean(nfes))
+  return grid_path

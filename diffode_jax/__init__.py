@@ -1,0 +1,18 @@
+"""diffode_jax: maximum-likelihood training and exact likelihood of diffusion ODEs (i-DODE).
+
+Python API (see ``api.py``):
+
+    import diffode_jax as dj
+    model = dj.load(workdir)                       # or dj.load(workdir, step=...)
+    bpd, report = model.bpd(images_uint8, key, dequantization="tn", num_importance=1)
+    log_p = model.log_prob(images_uint8, key)      # nats
+    samples = model.sample(key, 16)                # uint8
+
+    oracle = dj.oracle(train_images_uint8, config) # closed-form model of a finite set
+
+The command line is ``main.py`` (train / eval_bpd / sample).
+"""
+
+from diffode_jax.api import Model, load, oracle
+
+__all__ = ["Model", "load", "oracle"]

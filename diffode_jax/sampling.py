@@ -1,0 +1,130 @@
+"""Sampling by the probability-flow ODE, and its inverse (SPEC 5, last paragraph).
+
+Sampling draws x_1 ~ N(0, sigma_max^2 I) at gamma_max, solves dx/dgamma = drift(x, gamma)
+backwards to gamma_min on device (diffrax, no divergence), and maps the state
+z_0 = alpha_0 x + sigma_0 eps to integers:
+
+* ``argmax``: the most likely level under the VDM decoder p(k | z_0) (``decoder.py``);
+* ``sample``: a draw from that decoder;
+* ``round``: the nearest bin of z_0 / alpha_0 (``discretization.to_levels``).
+
+``flow`` is the same ODE between any two times; encoding an image to gamma_max and
+flowing back recovers it up to the solver tolerance (the flow is a bijection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffode_jax import ode
+from diffode_jax.decoder import decode_argmax, decoder_log_probs
+from diffode_jax.discretization import to_levels
+from diffode_jax.schedules import Schedule
+
+DECODES = ("argmax", "sample", "round")
+
+
+class SamplingError(RuntimeError):
+  """The sampling ODE could not be solved (max_steps exhausted, non-finite state)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  decode: str = "argmax"
+  solver: ode.SolverConfig = ode.SolverConfig()
+
+  def __post_init__(self):
+    if self.decode not in DECODES:
+      raise ValueError(f"unknown sample.decode {self.decode!r}; expected one of {DECODES}")
+    if self.solver.solver == "scipy_rk45":
+      raise ValueError("sampling solves on device: sample.solver must be tsit5 or dopri5")
+
+
+def sample_settings(config) -> SampleSettings:
+  """SampleSettings from config.sample (ValueError on a bad choice)."""
+  s = config.sample
+  return SampleSettings(s.decode, ode.SolverConfig(solver=s.solver, rtol=s.rtol, atol=s.atol,
+                                                   max_steps=s.max_steps))
+
+
+def flow(drift, params, x, gamma_from, gamma_to, solver: ode.SolverConfig):
+  """Solves dx/dgamma = drift(params, x, gamma) from gamma_from to gamma_to (either way).
+
+  Returns (x at gamma_to, nfe, success) as arrays; jit-compatible.
+  """
+  field = lambda gamma, y, args: drift(params, y, gamma)
+  return ode.solve_diffrax(field, x, gamma_from, gamma_to, solver)
+
+
+def to_integers(z0, key, schedule: Schedule, num_levels: int, decode: str):
+  """Integer images from states z_0 at gamma_min (see the module docstring)."""
+  if decode == "argmax":
+    return decode_argmax(z0, schedule, num_levels)
+  if decode == "sample":
+    levels = jax.random.categorical(key, decoder_log_probs(z0, schedule, num_levels))
+    return levels.astype(jnp.uint8 if num_levels <= 256 else jnp.int32)
+  if decode == "round":
+    alpha0 = schedule.alpha(jnp.asarray(schedule.gamma_min, z0.dtype))
+    return to_levels(z0 / alpha0, num_levels)
+  raise ValueError(f"unknown decode {decode!r}; expected one of {DECODES}")
+
+
+def make_sample_fn(drift, schedule: Schedule, num_levels: int, shape, settings: SampleSettings):
+  """sample(params, key) -> (integers of shape ``shape`` (B, H, W, C), nfe, success), jitted."""
+
+  @jax.jit
+  def sample(params, key):
+    k_noise, k_decode = jax.random.split(key)
+    sigma_max = schedule.sigma(jnp.asarray(schedule.gamma_max, jnp.float32))
+    x1 = sigma_max * jax.random.normal(k_noise, shape, jnp.float32)
+    z0, nfe, ok = flow(drift, params, x1, schedule.gamma_max, schedule.gamma_min,
+                       settings.solver)
+    ok = ok & jnp.all(jnp.isfinite(z0))
+    return to_integers(z0, k_decode, schedule, num_levels, settings.decode), nfe, ok
+
+  return sample
+
+
+def draw(sample_fn, params, key, num: int, batch_size: int):
+  """num integer images from whole batches of sample_fn (batch b uses fold_in(key, b)).
+
+  Returns (images (num, H, W, C), NFE per batch). Raises SamplingError on a failed solve.
+  """
+  images, nfes = [], []
+  for b in range(-(-num // batch_size)):
+    batch, nfe, ok = sample_fn(params, jax.random.fold_in(key, b))
+    if not bool(ok):
+      raise SamplingError("the sampling ODE did not reach gamma_min within sample.max_steps "
+                          "(or went non-finite); raise sample.max_steps or loosen "
+                          "sample.rtol / sample.atol")
+    images.append(np.asarray(batch))
+    nfes.append(int(nfe))
+  return np.concatenate(images)[:num], nfes
+
+
+def image_grid(images, num_levels: int, min_size: int = 64, border: int = 1):
+  """A uint8 picture (rows, cols, C) of integer images, levels scaled to 0..255.
+
+  Images are placed on a near-square grid with a ``border``-pixel gap and each is
+  enlarged by an integer factor (nearest neighbour) to at least ``min_size`` pixels.
+  """
+  images = np.asarray(images).astype(np.float64)
+  n, height, width, channels = images.shape
+  scale = max(1, math.ceil(min_size / max(height, width)))
+  pixels = np.round(images * 255.0 / (num_levels - 1)).astype(np.uint8)
+  pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  h, w = height * scale, width * scale
+  grid = np.full((rows * (h + border) + border, cols * (w + border) + border, channels), 255,
+                 np.uint8)
+  for i in range(n):
+    r, c = divmod(i, cols)
+    top, left = border + r * (h + border), border + c * (w + border)
+    grid[top:top + h, left:left + w] = pixels[i]
+  return grid
