@@ -18,8 +18,11 @@ def get_config():
   data.channels = 3  # channels per pixel
   data.num_levels = 256  # V: integer levels per channel (256 for 8-bit images)
   data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: tfds default)
-  data.folder = ml_collections.config_dict.placeholder(str)  # image_folder: root with train/ and test/
-  data.manual_dir = ml_collections.config_dict.placeholder(str)  # imagenet32_new: the downloaded zips
+  data.folder = ml_collections.config_dict.placeholder(str)  # image_folder: train/ + test/, or a pool
+  data.holdout_fraction = 0.0  # image_folder pool: fraction of the files held out as test
+  data.reduce_bits = False  # image_folder, V < 256: 8-bit p -> floor(p V / 256); False: files hold k < V
+  data.manual_dir = ml_collections.config_dict.placeholder(str)  # imagenet32_new: dir of the 2 zips
+  data.augment = False  # random flips / quarter turns; the network is told which (conditioning)
 
   config.model = model = ml_collections.ConfigDict()
   model.arch = "unet"  # unet | oracle (closed-form velocity of the training set, SPEC 6)
@@ -56,6 +59,7 @@ def get_config():
   training.antithetic_time = True  # stratified time draws across the batch
   training.dequantization = "none"  # none | uniform | tn (data fed to the forward diffusion)
   training.log_every = 100  # steps between metrics.jsonl / TensorBoard rows
+  training.tensorboard = True  # also write TensorBoard events (imports TensorFlow, ~5 s)
   training.checkpoint_every = 5000  # steps between checkpoints
   training.keep_checkpoints = 3  # checkpoints kept on disk
   training.init_from = ""  # workdir or checkpoint dir to start a new run from ("" : none)

@@ -36,7 +36,7 @@ from diffode_jax.parameterization import Parameterization
 from diffode_jax.schedules import Schedule
 from diffode_jax.time_sampling import TimeSampler
 
-# net_fn(params, x_gamma, gamma, dropout_key_or_None, train) -> F
+# net_fn(params, x_gamma, gamma, dropout_key_or_None, train[, cond=...]) -> F
 NetFn = Callable[..., jnp.ndarray]
 
 
@@ -86,15 +86,16 @@ class LossConfig:
 
 def make_loss_fn(net_fn: NetFn, parameterization: Parameterization,
                  time_sampler: TimeSampler, loss_config: LossConfig):
-  """Returns loss_fn(params, k, key, train) -> (scalar bits/dim, LossTerms).
+  """Returns loss_fn(params, k, key, train, cond=None) -> (scalar bits/dim, LossTerms).
 
   ``k`` is an integer batch (B, H, W, C); the scalar is the mean over the batch of the
-  trained terms (first order, plus second order when enabled) in bits/dim.
+  trained terms (first order, plus second order when enabled) in bits/dim. ``cond``
+  (e.g. the augmentation one-hot, (B, K)) is passed on to net_fn as ``cond=`` when given.
   """
   schedule = parameterization.schedule
   cfg = loss_config
 
-  def loss_fn(params, k, key, train: bool = True):
+  def loss_fn(params, k, key, train: bool = True, cond=None):
     dim = math.prod(k.shape[1:])
     batch = k.shape[0]
     k_deq, k_time, k_eps, k_drop, k_probe, k_rec = jax.random.split(key, 6)
@@ -105,15 +106,16 @@ def make_loss_fn(net_fn: NetFn, parameterization: Parameterization,
     x_gamma = schedule.marginal(x, eps, gamma)
     target = parameterization.target(x, eps, gamma)
     drop_key = k_drop if train else None
+    net_kwargs = {} if cond is None else {"cond": cond}
     weight = 0.5 * inv_density * parameterization.eps_scale(gamma) ** 2
 
     if cfg.second_order:
       probe = rademacher(k_probe, x.shape, x.dtype)
-      f, jvp = jax.jvp(lambda y: net_fn(params, y, gamma, drop_key, train), (x_gamma,),
-                       (probe,))
+      f, jvp = jax.jvp(lambda y: net_fn(params, y, gamma, drop_key, train, **net_kwargs),
+                       (x_gamma,), (probe,))
       divergence = _sum(probe * jvp)
     else:
-      f = net_fn(params, x_gamma, gamma, drop_key, train)
+      f = net_fn(params, x_gamma, gamma, drop_key, train, **net_kwargs)
 
     sq_error = _sum((target - f) ** 2)
     diffusion = weight * sq_error

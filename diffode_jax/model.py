@@ -14,7 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from diffode_jax import ode
+from diffode_jax import augmentation, ode
+from diffode_jax.data import check_data_config
 from diffode_jax.likelihood import EvalSettings
 from diffode_jax.losses import LossConfig, make_loss_fn
 from diffode_jax.networks import make_network
@@ -23,6 +24,7 @@ from diffode_jax.parameterization import Parameterization, make_parameterization
 from diffode_jax.sampling import sample_settings
 from diffode_jax.schedules import Schedule, default_gamma_min, default_gamma_u, make_schedule
 from diffode_jax.time_sampling import make_time_sampler
+from diffode_jax.train_state import check_training_config
 
 ARCHS = ("unet", "oracle")
 
@@ -45,6 +47,8 @@ def finalize_config(config):
   if config.model.arch not in ARCHS:
     raise ConfigError(f"unknown model.arch {config.model.arch!r}; expected one of {ARCHS}")
   try:
+    check_data_config(config.data)
+    check_training_config(config.training)
     schedule = make_schedule(config.model)
     make_parameterization(config.model, schedule)
     make_time_sampler(config, schedule)
@@ -97,13 +101,20 @@ def unet_net_fn(config):
   network = make_network(config)
   shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
 
-  def init_params(key):
-    return network.init({"params": key}, jnp.zeros(shape, jnp.float32),
-                        jnp.zeros((1,), jnp.float32), train=False)["params"]
+  conditioned = bool(config.data.augment)  # the augmentation index is an input
 
-  def net_fn(params, x, gamma, dropout_key, train):
+  def init_params(key):
+    cond = augmentation.identity_cond(1) if conditioned else None
+    return network.init({"params": key}, jnp.zeros(shape, jnp.float32),
+                        jnp.zeros((1,), jnp.float32), train=False, cond=cond)["params"]
+
+  def net_fn(params, x, gamma, dropout_key, train, cond=None):
+    """cond: (B, 8) augmentation one-hot; None means the identity (untransformed data)."""
+    if conditioned and cond is None:
+      cond = augmentation.identity_cond(x.shape[0])
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
-    return network.apply({"params": params}, x, gamma, train=train, rngs=rngs)
+    return network.apply({"params": params}, x, gamma, train=train, rngs=rngs,
+                         cond=cond if conditioned else None)
 
   return init_params, net_fn
 

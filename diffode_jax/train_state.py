@@ -3,6 +3,10 @@
 The optimizer is optax AdamW with a linear warm-up, weight decay masked off biases and
 normalization scales, optional global-norm clipping, wrapped in ``optax.MultiSteps`` for
 gradient accumulation. The EMA moves only when the optimizer really updates.
+
+With gradient accumulation, ``training.batch_size`` is the micro-batch: one optimizer
+update averages the gradients of ``grad_accum_steps`` consecutive micro-batches, and
+``TrainState.step`` counts micro-batches.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffode_jax import augmentation
+from diffode_jax.dequantization import TRAIN_DEQUANTIZATIONS
 from diffode_jax.discretization import nats_to_bpd
 
 
@@ -23,6 +29,28 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
+
+
+def check_training_config(config_training) -> None:
+  """Raises ValueError for a config.training value that cannot work."""
+  t = config_training
+
+  def positive_int(name, minimum=1):
+    value = t[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ValueError(f"training.{name} must be an integer >= {minimum}, got {value!r}")
+
+  for name in ("batch_size", "num_steps", "grad_accum_steps", "log_every",
+               "checkpoint_every", "keep_checkpoints"):
+    positive_int(name)
+  positive_int("warmup_steps", minimum=0)
+  if not t.learning_rate > 0:
+    raise ValueError(f"training.learning_rate must be positive, got {t.learning_rate!r}")
+  if not 0.0 <= t.ema_decay <= 1.0:
+    raise ValueError(f"training.ema_decay must be in [0, 1], got {t.ema_decay!r}")
+  if t.dequantization not in TRAIN_DEQUANTIZATIONS:
+    raise ValueError(f"unknown training.dequantization {t.dequantization!r}; expected one "
+                     f"of {TRAIN_DEQUANTIZATIONS}")
 
 
 def learning_rate_schedule(config_training):
@@ -51,16 +79,23 @@ def create_train_state(params, optimizer) -> TrainState:
                     opt_state=optimizer.init(params))
 
 
-def make_train_step(loss_fn, optimizer: optax.MultiSteps, ema_decay: float, dim: int):
+def make_train_step(loss_fn, optimizer: optax.MultiSteps, ema_decay: float, dim: int,
+                    augment: bool = False):
   """train_step(state, batch_uint8, key) -> (state, metrics) for one micro-batch.
 
   Metrics are batch means: ``loss`` (trained objective, bits/dim), ``diffusion_bpd``,
   ``second_order_bpd``, ``sde_bpd`` (recon + prior + diffusion), ``grad_norm``.
+  With ``augment`` each image gets a random symmetry (``augmentation.augment``, drawn from
+  fold_in(key, 1)) and loss_fn gets its one-hot as ``cond``; the loss itself uses ``key``
+  either way.
   """
 
   def train_step(state: TrainState, batch, key):
+    kwargs = {}
+    if augment:
+      batch, kwargs["cond"] = augmentation.augment(jax.random.fold_in(key, 1), batch)
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, key, True)
+        state.params, batch, key, True, **kwargs)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     updated = optimizer.has_updated(opt_state)
