@@ -4,9 +4,17 @@
     python main.py --config=configs/digits.py --workdir=runs/digits --mode=eval_bpd
 
 Every config field can be overridden, e.g. --config.training.batch_size=64.
-Bad input ends with one line on stderr and exit status 1.
+Bad input (including an unknown flag or config field) ends with one line on stderr and
+exit status 1.
+
+Several processes (multi-host): start one per host with the same flags plus either
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I, or --distributed
+(or DIFFODE_DISTRIBUTED=1) to let jax.distributed.initialize() find them itself on Cloud
+TPU, SLURM, Open MPI or Kubernetes.
 """
 
+import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -15,12 +23,68 @@ from ml_collections import config_flags
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 flags.DEFINE_enum("mode", "train", ["train", "eval_bpd", "sample"], "What to run.")
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() with no arguments: the cluster (Cloud "
+                  "TPU, SLURM, Open MPI, Kubernetes) is detected from the environment. "
+                  "Also on when the environment variable DIFFODE_DISTRIBUTED=1.")
+flags.DEFINE_string("coordinator_address", None,
+                    "HOST:PORT of process 0, for a multi-process run started by hand.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "Index of this process, 0 .. num_processes - 1.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def parse_flags(argv):
+  """absl flag parsing that reports any bad flag or config field as one stderr line."""
+  try:
+    args = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.get("seed")  # a config file that failed to load raises here
+  except Exception as e:  # flags.Error, or ml_collections' KeyError / AttributeError / ...
+    _fail(_flag_error_message(e))
+  return args
+
+
+def _flag_error_message(e: Exception) -> str:
+  text = str(e)
+  if isinstance(e, (AttributeError, KeyError)):  # ml_collections: a field that is not there
+    names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
+    field = names[0] if names else text
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    return (f"unknown config field {field!r}"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+            + "; see configs/default.py for every field")
+  return " ".join(text.replace("\\n", " ").split())
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def init_distributed():
+  """jax.distributed.initialize from the flags or the environment; no-op for one process."""
+  explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  auto = FLAGS.distributed or os.environ.get("DIFFODE_DISTRIBUTED", "") not in ("", "0")
+  if not auto and all(v is None for v in explicit):
+    return
+  import jax
+
+  # Cross-process collectives of the CPU backend (tests, CPU clusters); other backends
+  # ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if any(v is None for v in explicit) and not auto:
+    _fail("a multi-process run needs all of --coordinator_address, --num_processes and "
+          "--process_id (or --distributed)")
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes,
+                             process_id=FLAGS.process_id)
+
+
 def main(argv):
   del argv
+  init_distributed()
   from diffode_jax import cli  # after flag parsing: keeps --help fast
 
   sys.exit(cli.dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode))
@@ -28,4 +92,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -30,7 +30,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffode_jax import data as data_lib
-from diffode_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
+from diffode_jax.checkpoint import (Checkpointer, CheckpointError, checkpoint_dir,
+                                    resolve_source)
 from diffode_jax.likelihood import (evaluate_batches, make_log_prob_fn, settings_report,
                                     summarize)
 from diffode_jax.model import ConfigError, build, eval_settings, finalize_config
@@ -52,9 +53,11 @@ def make_mesh() -> Mesh:
 
 
 def check_batch(batch_size: int, what: str) -> None:
+  """The global batch is split evenly over all devices of all processes."""
   n = jax.device_count()
   if batch_size % n:
-    raise TrainingError(f"{what}={batch_size} is not divisible by the {n} devices")
+    raise TrainingError(f"{what}={batch_size} is not divisible by the {n} devices "
+                        f"({jax.process_count()} process(es)); each takes an equal share")
 
 
 def global_batch(local: np.ndarray, mesh: Mesh):
@@ -62,10 +65,28 @@ def global_batch(local: np.ndarray, mesh: Mesh):
   return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
 
 
+def check_workdir_writable(workdir: str) -> None:
+  """Raises TrainingError unless workdir is (or can be created as) a writable directory.
+
+  Changes nothing on disk; ``ensure_workdir`` then creates it and really writes.
+  """
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise TrainingError(f"workdir {workdir!r} is not a directory")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise TrainingError(f"workdir {workdir!r} is not writable: {existing!r} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise TrainingError(f"workdir {workdir!r} is not writable: {existing!r} is read-only")
+
+
 def ensure_workdir(workdir: str) -> None:
+  """Creates workdir and checks that this process can write a file into it."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -95,9 +116,25 @@ def _rng(config, purpose: str):
 _PURPOSES = {"init": 0, "train": 1, "eval": 2, "sample": 3}
 
 
-def init_state(config, components, optimizer):
-  params = components.init_params(_rng(config, "init"))
-  return create_train_state(params, optimizer)
+def init_state(config, components, optimizer, sharding=None):
+  """The initial TrainState, computed on one device, then placed with ``sharding``.
+
+  Computing it on one device keeps the compiled program the same for every device count
+  and process count (one compilation-cache entry); every process computes the same values.
+  """
+  init = lambda: create_train_state(components.init_params(_rng(config, "init")), optimizer)
+  state = jax.jit(init)()
+  return state if sharding is None else replicate(state, sharding)
+
+
+def replicate(tree, sharding):
+  """Places a pytree whose values are the same on every process with ``sharding``."""
+
+  def place(leaf):
+    value = np.asarray(leaf)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  return jax.tree.map(place, tree)
 
 
 def restore_for_eval(config, workdir: str, components, step=None):
@@ -107,11 +144,10 @@ def restore_for_eval(config, workdir: str, components, step=None):
     raise CheckpointError(f"no checkpoints in {directory}: train first (--mode=train)")
   ckpt = Checkpointer(directory, create=False)
   try:
-    optimizer = make_optimizer(config.training)
-    template = jax.eval_shape(lambda: init_state(config, components, optimizer))
+    template = jax.eval_shape(components.init_params, _rng(config, "init"))
     template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    state = ckpt.restore(template, step)
-    return state.ema_params, int(state.step)
+    _, ema_params, step = ckpt.restore_params(template, step)
+    return ema_params, step
   finally:
     ckpt.close()
 
@@ -120,42 +156,51 @@ def restore_for_eval(config, workdir: str, components, step=None):
 
 
 def train(config, workdir: str) -> dict:
-  """Trains (or resumes) in workdir; returns the last logged metrics."""
+  """Trains (or resumes) in workdir; returns the last logged metrics.
+
+  Everything bad input can break (config values, device count, data, checkpoint
+  compatibility, workdir permissions) is checked before the first file is written, so a
+  failed start leaves the workdir as it was. Rerunning resumes from the latest committed
+  checkpoint: batches and keys are functions of the step, so the continuation equals an
+  uninterrupted run; metrics.jsonl rows after the restored step are dropped.
+  ``training.init_from`` starts a new run (step 0, fresh optimizer) from another run's
+  params and EMA params; an existing checkpoint in workdir takes precedence over it.
+  """
   config = finalize_config(config)
   if config.model.arch == "oracle":
     raise ConfigError("model.arch='oracle' is closed-form and has nothing to train; "
                       "use --mode=eval_bpd or --mode=sample")
-  ensure_workdir(workdir)
   t = config.training
+  check_workdir_writable(workdir)
   check_batch(t.batch_size, "training.batch_size")
-  train_data = data_lib.load_split(config.data, "train")
+  train_data = load_split_on_every_host(config.data, "train")
   components = build(config)
   mesh = make_mesh()
   replicated = NamedSharding(mesh, P())
   optimizer = make_optimizer(t)
-  total = int(t.num_steps) * max(int(t.grad_accum_steps), 1)
+  accum = int(t.grad_accum_steps)
+  total = int(t.num_steps) * accum
 
+  state = init_state(config, components, optimizer, replicated)
+  state, resumed = _restore_or_init_from(config, workdir, state, optimizer, replicated)
+  _sync("diffode_jax: checkpoints read")  # before any process creates checkpoints/
+  ensure_workdir(workdir)
   ckpt = Checkpointer(checkpoint_dir(workdir), keep=t.keep_checkpoints)
-  state = init_state(config, components, optimizer)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    logging.info("resumed from step %d", int(state.step))
-  elif t.init_from:
-    params, ema, step = _load_init_from(config, t.init_from, components)
-    state = create_train_state(params, optimizer).replace(ema_params=ema)
-    logging.info("initialized from %s (step %d)", t.init_from, step)
-  if jax.process_index() == 0:
+  step = int(state.step)
+  is_chief = jax.process_index() == 0
+  if is_chief:
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  state = jax.device_put(state, replicated)
+    truncate_metrics(os.path.join(workdir, "metrics.jsonl"), step if resumed else 0)
 
-  train_step = jax.jit(make_train_step(components.loss_fn, optimizer, t.ema_decay,
-                                       components.dim), donate_argnums=0)
+  train_step = jax.jit(
+      make_train_step(components.loss_fn, optimizer, t.ema_decay, components.dim,
+                      augment=bool(config.data.augment)),
+      donate_argnums=0, out_shardings=replicated)
   train_key = _rng(config, "train")
   lr_schedule = learning_rate_schedule(t)
-  writer = _MetricsWriter(workdir) if jax.process_index() == 0 else None
+  writer = _MetricsWriter(workdir, bool(t.tensorboard)) if is_chief else None
   stop = _StopSignal()
-  step = int(state.step)
-  last_saved = step
+  last_saved = step if resumed else None
   pending, last_row = [], {}
   tic, tic_step = time.perf_counter(), step
   bar = _progress(total, step, "train")
@@ -163,29 +208,37 @@ def train(config, workdir: str) -> dict:
     while step < total:
       local = data_lib.host_batch(train_data, t.batch_size, step, config.seed,
                                   jax.process_index(), jax.process_count())
-      batch = global_batch(local, mesh)
-      state, metrics = train_step(state, batch, jax.random.fold_in(train_key, step))
+      state, metrics = train_step(state, global_batch(local, mesh),
+                                  jax.random.fold_in(train_key, step))
       pending.append(metrics)
       step += 1
       bar.update(1)
-      if step % t.log_every == 0 or step == total:
+      at_log = step % t.log_every == 0 or step == total
+      if at_log:
         row = _reduce(pending, step)
         pending = []
         _check_finite(row, step, last_saved)
         now = time.perf_counter()
         row["steps_per_sec"] = (step - tic_step) / max(now - tic, 1e-9)
-        row["learning_rate"] = float(lr_schedule(step // max(int(t.grad_accum_steps), 1)))
+        row["learning_rate"] = float(lr_schedule(step // accum))
         tic, tic_step = now, step
         bar.set_postfix(loss_bpd=f"{row['loss']:.4f}", sde_bpd=f"{row['sde_bpd']:.3f}")
         if writer:
           writer.write(row)
         last_row = row
-      if step % t.checkpoint_every == 0 or step == total or stop.requested:
+      # One process alone must not stop (the others would wait for it in a collective):
+      # with several processes the signal is agreed on at log steps.
+      stopping = stop.requested if jax.process_count() == 1 else (
+          at_log and _on_any_process(stop.requested))
+      if step % t.checkpoint_every == 0 or step == total or stopping:
         if pending:
           _check_finite(_reduce(pending, step), step, last_saved)
+        if not bool(_all_finite(state.params)):
+          raise TrainingError(f"non-finite parameters at step {step}; stopped, the last "
+                              f"good checkpoint ({_describe(last_saved)}) is kept")
         ckpt.save(step, state)
         last_saved = step
-        if stop.requested:
+        if stopping:
           logging.warning("stopped by signal at step %d after saving a checkpoint", step)
           break
   finally:
@@ -197,22 +250,98 @@ def train(config, workdir: str) -> dict:
   return last_row
 
 
-def _load_init_from(config, source: str, components):
-  """(params, ema_params, step) of another run's latest checkpoint."""
-  workdir = os.path.dirname(source.rstrip("/")) if os.path.basename(
-      source.rstrip("/")) == "checkpoints" else source
-  optimizer = make_optimizer(config.training)
-  template = jax.eval_shape(lambda: init_state(config, components, optimizer))
-  template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+def load_split_on_every_host(config_data, split: str) -> data_lib.ImageData:
+  """load_split on every process; process 0 first, so a tfds data set is prepared once."""
+  if jax.process_count() == 1:
+    return data_lib.load_split(config_data, split)
+  error = None
+  if jax.process_index() == 0:
+    try:
+      loaded = data_lib.load_split(config_data, split)
+    except data_lib.DataError as e:
+      error = e
+  _sync(f"diffode_jax: data {split} prepared")
+  if error is not None:
+    raise error
+  if jax.process_index() != 0:
+    loaded = data_lib.load_split(config_data, split)
+  return loaded
+
+
+def _restore_or_init_from(config, workdir, state, optimizer, sharding):
+  """(state, resumed): the latest checkpoint of workdir, else training.init_from, else state."""
   directory = checkpoint_dir(workdir)
+  if os.path.isdir(directory):
+    ckpt = Checkpointer(directory, create=False)
+    try:
+      if ckpt.latest_step() is not None:
+        state = ckpt.restore(state, sharding=sharding)
+        logging.info("resumed from step %d", int(state.step))
+        return state, True
+    finally:
+      ckpt.close()
+  source = config.training.init_from
+  if source:
+    params, ema, step = load_params(source, state.params, sharding)
+    state = jax.jit(lambda p, e: create_train_state(p, optimizer).replace(ema_params=e),
+                    out_shardings=sharding)(params, ema)
+    logging.info("initialized params and EMA params from %s (step %d)", source, step)
+  return state, False
+
+
+def load_params(source: str, params_template, sharding=None):
+  """(params, ema_params, step) of a workdir, its checkpoints/, or checkpoints/<step>."""
+  directory, step = resolve_source(source)
   if not os.path.isdir(directory):
-    raise CheckpointError(f"training.init_from: no checkpoints in {directory}")
+    raise CheckpointError(f"training.init_from={source!r}: no checkpoints in {directory}")
   ckpt = Checkpointer(directory, create=False)
   try:
-    state = ckpt.restore(template)
+    return ckpt.restore_params(params_template, step, sharding)
   finally:
     ckpt.close()
-  return state.params, state.ema_params, int(state.step)
+
+
+def truncate_metrics(path: str, step: int) -> None:
+  """Drops metrics.jsonl rows after ``step`` (and a row cut by a kill): a resumed run
+  rewrites them, so each step appears once."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and row.get("step", 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _sync(name: str) -> None:
+  """A barrier of all processes (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _on_any_process(flag: bool) -> bool:
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def _describe(last_saved) -> str:
+  return "none saved yet" if last_saved is None else f"step {last_saved}"
 
 
 def _reduce(pending, step):
@@ -226,22 +355,24 @@ def _check_finite(row, step, last_saved):
   bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
   if bad:
     raise TrainingError(
-        f"non-finite {', '.join(sorted(bad))} before step {step}; stopped, the last good "
-        f"checkpoint (step {last_saved}) is kept")
+        f"non-finite {', '.join(sorted(bad))} at step {step}; stopped, the last good "
+        f"checkpoint ({_describe(last_saved)}) is kept")
 
 
 class _MetricsWriter:
   """metrics.jsonl (appended, flushed per row) and TensorBoard scalars."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, tensorboard: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.file = open(self.path, "a")
-    try:
-      from flax.metrics import tensorboard
+    self.tb = None
+    if tensorboard:
+      try:
+        from flax.metrics import tensorboard as tb
 
-      self.tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:  # tensorboard not installed: metrics.jsonl only
-      self.tb = None
+        self.tb = tb.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:  # tensorboard not installed: metrics.jsonl only
+        self.tb = None
 
   def write(self, row):
     self.file.write(json.dumps(row) + "\n")

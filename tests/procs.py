@@ -1,0 +1,125 @@
+"""Helpers for tests that run main.py in subprocesses (devices, hosts, kills, bad input)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(REPO, "main.py")
+
+# configs/digits.py shrunk to a few thousand parameters, no dropout, no attention.
+TINY = {
+    "model.channels": 8, "model.num_blocks": 1, "model.embed_dim": 16,
+    "model.num_groups": 4, "model.dropout": 0.0, "model.attention": False,
+    "training.batch_size": 16, "training.warmup_steps": 1, "training.log_every": 1,
+    "training.tensorboard": False,  # spares each subprocess the TensorFlow import
+}
+
+
+def overrides(**fields) -> list[str]:
+  """--config.<a.b>=value flags: TINY updated by fields (a__b=value means a.b=value)."""
+  merged = dict(TINY)
+  merged.update({k.replace("__", "."): v for k, v in fields.items()})
+  return [f"--config.{k}={v}" for k, v in merged.items()]
+
+
+def env(devices: int = 1) -> dict:
+  """The environment of a subprocess with ``devices`` fake CPU devices."""
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["JAX_PLATFORMS"] = "cpu"
+  e.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  return e
+
+
+def main_command(workdir, *flags, mode="train", config="configs/digits.py") -> list[str]:
+  return [sys.executable, MAIN, f"--config={os.path.join(REPO, config)}",
+          f"--workdir={workdir}", f"--mode={mode}", *flags]
+
+
+def start(workdir, *flags, devices=1, mode="train", stderr=subprocess.PIPE):
+  return subprocess.Popen(main_command(workdir, *flags, mode=mode), cwd=REPO,
+                          env=env(devices), stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def run(workdir, *flags, devices=1, mode="train", timeout=240) -> subprocess.CompletedProcess:
+  return subprocess.run(main_command(workdir, *flags, mode=mode), cwd=REPO, env=env(devices),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def finish(proc: subprocess.Popen, timeout=240) -> tuple[str, str]:
+  """Waits for proc; kills it on timeout; returns (stdout, stderr)."""
+  try:
+    return proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, err = proc.communicate()
+    raise AssertionError(f"subprocess timed out; stderr tail: {err[-2000:]}") from None
+
+
+def check_ok(returncode: int, stderr: str):
+  assert returncode == 0, f"exit {returncode}; stderr tail:\n{stderr[-3000:]}"
+
+
+def error_lines(stderr: str) -> list[str]:
+  return [l for l in stderr.splitlines() if l.strip()]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def read_metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def losses(workdir) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in read_metrics(workdir)}
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  d = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def load_checkpoint(workdir, step=None) -> dict:
+  """The saved state dict of a step (latest by default) as NumPy arrays, read with orbax."""
+  import orbax.checkpoint as ocp
+
+  import jax
+
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                  options=ocp.CheckpointManagerOptions(create=False),
+                                  item_handlers=ocp.StandardCheckpointHandler())
+  try:
+    step = manager.latest_step() if step is None else step
+    # The saved sharding may name devices this process lacks: restore onto one device.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          manager.item_metadata(step).tree)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  finally:
+    manager.close()
+  return jax.tree.map(np.asarray, restored)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  import jax
+
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for (path, x), y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))

@@ -1,0 +1,33 @@
+"""Data parallelism: 1 and 8 (fake CPU) devices train to the same losses and parameters.
+
+XLA_FLAGS must be set before jax is imported, so each device count runs main.py in its
+own subprocess; both start at once (they compile in parallel on the two cores).
+"""
+
+import procs
+
+
+def test_one_and_eight_devices_give_the_same_run(tmp_path):
+  flags = procs.overrides(training__num_steps=3, training__checkpoint_every=3)
+  one = procs.start(tmp_path / "one", *flags, devices=1)
+  eight = procs.start(tmp_path / "eight", *flags, devices=8)
+  for proc in (one, eight):
+    _, err = procs.finish(proc)
+    procs.check_ok(proc.returncode, err)
+
+  a, b = procs.losses(tmp_path / "one"), procs.losses(tmp_path / "eight")
+  assert sorted(a) == sorted(b) == [1, 2, 3]
+  for step in a:
+    assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+  procs.assert_trees_close(procs.load_checkpoint(tmp_path / "one"),
+                           procs.load_checkpoint(tmp_path / "eight"), rtol=1e-4, atol=1e-6)
+
+
+def test_batch_not_divisible_by_devices_is_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  result = procs.run(workdir, *procs.overrides(training__batch_size=12), devices=8)
+  assert result.returncode == 1
+  lines = procs.error_lines(result.stderr)
+  assert lines == ["error: training.batch_size=12 is not divisible by the 8 devices "
+                   "(1 process(es)); each takes an equal share"], result.stderr
+  assert not workdir.exists()

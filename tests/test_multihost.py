@@ -1,0 +1,33 @@
+"""Multi-host on one machine: 2 processes x 2 CPU devices match 1 process x 4 devices.
+
+The two processes meet through jax.distributed (main.py --coordinator_address ...) and
+use gloo for CPU collectives; each feeds its half of every global batch. Only process 0
+writes metrics.jsonl and config.json; both take part in the orbax save.
+"""
+
+import os
+
+import procs
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  flags = procs.overrides(training__num_steps=3, training__checkpoint_every=2)
+  address = f"127.0.0.1:{procs.free_port()}"
+  hosts = [procs.start(tmp_path / "two_hosts", *flags, f"--coordinator_address={address}",
+                       "--num_processes=2", f"--process_id={i}", devices=2)
+           for i in range(2)]
+  single = procs.start(tmp_path / "one_host", *flags, devices=4)
+  for proc in hosts + [single]:
+    _, err = procs.finish(proc)
+    procs.check_ok(proc.returncode, err)
+
+  a, b = procs.losses(tmp_path / "one_host"), procs.losses(tmp_path / "two_hosts")
+  assert sorted(a) == sorted(b) == [1, 2, 3]
+  for step in a:
+    assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+  assert procs.checkpoint_steps(tmp_path / "two_hosts") == [2, 3]
+  procs.assert_trees_close(procs.load_checkpoint(tmp_path / "one_host"),
+                           procs.load_checkpoint(tmp_path / "two_hosts"), rtol=1e-4, atol=1e-6)
+  # Process 0 alone wrote the logs: one row per step, no stray files of process 1.
+  assert [r["step"] for r in procs.read_metrics(tmp_path / "two_hosts")] == [1, 2, 3]
+  assert not [n for n in os.listdir(tmp_path / "two_hosts") if n.startswith(".write_test")]
