@@ -54,6 +54,7 @@ def get_config():
   training.weight_decay = 0.01  # AdamW decoupled weight decay (not on biases / norms)
   training.grad_clip = 1.0  # clip the global gradient norm (0: off)
   training.ema_decay = 0.9999  # EMA of parameters used for evaluation
+  training.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
   training.grad_accum_steps = 1  # micro-batches per update (optax.MultiSteps)
   training.importance_sampling = True  # gamma ~ alpha^2 (velocity only)
   training.antithetic_time = True  # stratified time draws across the batch
