@@ -163,8 +163,8 @@ def train(config, workdir: str) -> dict:
   failed start leaves the workdir as it was. Rerunning resumes from the latest committed
   checkpoint: batches and keys are functions of the step, so the continuation equals an
   uninterrupted run; metrics.jsonl rows after the restored step are dropped.
-  ``training.init_from`` starts a new run (step 0, fresh optimizer) from another run's
-  params and EMA params; an existing checkpoint in workdir takes precedence over it.
+  ``training.init_from`` starts a new run (step 0, fresh optimizer, no EMA warm-up) from
+  another run's params and EMA params; an existing checkpoint in workdir takes precedence.
   """
   config = finalize_config(config)
   if config.model.arch == "oracle":
@@ -181,8 +181,7 @@ def train(config, workdir: str) -> dict:
   accum = int(t.grad_accum_steps)
   total = int(t.num_steps) * accum
 
-  state = init_state(config, components, optimizer, replicated)
-  state, resumed = _restore_or_init_from(config, workdir, state, optimizer, replicated)
+  state, resumed = _restore_or_init_from(config, workdir, components, optimizer, replicated)
   _sync("diffode_jax: checkpoints read")  # before any process creates checkpoints/
   ensure_workdir(workdir)
   ckpt = Checkpointer(checkpoint_dir(workdir), keep=t.keep_checkpoints)
@@ -192,9 +191,11 @@ def train(config, workdir: str) -> dict:
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     truncate_metrics(os.path.join(workdir, "metrics.jsonl"), step if resumed else 0)
 
+  # A fine-tune keeps its source's EMA: no EMA warm-up, which would mostly forget it.
+  ema_warmup = bool(t.ema_warmup) and not t.init_from
   train_step = jax.jit(
       make_train_step(components.loss_fn, optimizer, t.ema_decay, components.dim,
-                      augment=bool(config.data.augment)),
+                      augment=bool(config.data.augment), ema_warmup=ema_warmup),
       donate_argnums=0, out_shardings=replicated)
   train_key = _rng(config, "train")
   lr_schedule = learning_rate_schedule(t)
@@ -268,25 +269,31 @@ def load_split_on_every_host(config_data, split: str) -> data_lib.ImageData:
   return loaded
 
 
-def _restore_or_init_from(config, workdir, state, optimizer, sharding):
-  """(state, resumed): the latest checkpoint of workdir, else training.init_from, else state."""
+def _restore_or_init_from(config, workdir, components, optimizer, sharding):
+  """(state, resumed): workdir's latest checkpoint, else training.init_from, else a new state.
+
+  Restores go straight into the abstract shape of the state (nothing is initialized
+  first), so a mismatched checkpoint is reported before any compilation.
+  """
+  abstract = jax.eval_shape(lambda: init_state(config, components, optimizer))
   directory = checkpoint_dir(workdir)
   if os.path.isdir(directory):
     ckpt = Checkpointer(directory, create=False)
     try:
       if ckpt.latest_step() is not None:
-        state = ckpt.restore(state, sharding=sharding)
+        state = ckpt.restore(abstract, sharding=sharding)
         logging.info("resumed from step %d", int(state.step))
         return state, True
     finally:
       ckpt.close()
   source = config.training.init_from
   if source:
-    params, ema, step = load_params(source, state.params, sharding)
+    params, ema, step = load_params(source, abstract.params, sharding)
     state = jax.jit(lambda p, e: create_train_state(p, optimizer).replace(ema_params=e),
                     out_shardings=sharding)(params, ema)
     logging.info("initialized params and EMA params from %s (step %d)", source, step)
-  return state, False
+    return state, False
+  return init_state(config, components, optimizer, sharding), False
 
 
 def load_params(source: str, params_template, sharding=None):
