@@ -307,3 +307,27 @@ def test_augment_applies_the_symmetry_named_by_cond():
     np.testing.assert_array_equal(out[i:i + 1], augmentation.transform(k[i:i + 1], indices[i]))
   with pytest.raises(ValueError, match="square"):
     augmentation.augment(key, jnp.zeros((2, 4, 6, 1), jnp.uint8))
+
+
+def test_augmented_config_gives_the_network_a_condition_input():
+  """Wiring only (traced, not compiled): init makes the cond layer, and both the loss with
+  cond and the drift without it (the identity) trace through the U-Net."""
+  from configs import digits
+  from diffode_jax.model import build
+
+  config = digits.get_config()
+  config.model.channels, config.model.num_blocks, config.model.embed_dim = 8, 1, 16
+  key = jax.random.PRNGKey(0)
+  plain = jax.eval_shape(build(finalize_config(config)).init_params, key)
+  config.data.augment = True
+  components = build(finalize_config(config))
+  params = jax.eval_shape(components.init_params, key)
+  assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(plain)) + 2  # Dense(cond)
+  k = jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.uint8)
+  cond = jax.ShapeDtypeStruct((4, augmentation.NUM_AUGMENTATIONS), jnp.float32)
+  loss, _ = jax.eval_shape(lambda p, k, c: components.loss_fn(p, k, key, True, cond=c),
+                           params, k, cond)
+  assert loss.shape == ()
+  x = jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32)
+  gamma = jax.ShapeDtypeStruct((4,), jnp.float32)
+  assert jax.eval_shape(components.drift, params, x, gamma).shape == (4, 8, 8, 1)
