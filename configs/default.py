@@ -73,7 +73,7 @@ def get_config():
   evaluation.num_importance = 1  # K samples of the importance-weighted bound
   evaluation.analytic_entropy = False  # tn with K = 1: use the entropy of q instead of -log q
   evaluation.divergence = "rademacher"  # rademacher | gaussian | exact
-  evaluation.solver = "tsit5"  # tsit5 | dopri5 (on device, diffrax) | scipy_rk45 (host)
+  evaluation.solver = "dopri5"  # dopri5 | tsit5 (diffrax, on device) | scipy_rk45 (host); dopri5: fewer NFE (bench/eval_speed.py)
   evaluation.rtol = 1e-5  # relative tolerance of the adaptive solver
   evaluation.atol = 1e-5  # absolute tolerance
   evaluation.max_steps = 4096  # solver steps before it gives up (reported as an error)
@@ -85,7 +85,7 @@ def get_config():
   sample.num_samples = 64  # images drawn by --mode=sample
   sample.batch_size = 64  # images per ODE solve
   sample.decode = "argmax"  # argmax (decoder mode) | sample (decoder draw) | round (nearest bin)
-  sample.solver = "tsit5"  # tsit5 | dopri5 (diffrax, on device)
+  sample.solver = "dopri5"  # dopri5 | tsit5 (diffrax, on device)
   sample.rtol = 1e-5  # relative tolerance of the sampling ODE
   sample.atol = 1e-5  # absolute tolerance
   sample.max_steps = 4096  # solver steps before sampling gives up (reported as an error)

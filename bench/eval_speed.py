@@ -1,0 +1,267 @@
+"""Likelihood evaluation speed: the on-device diffrax solve against the scipy host loop.
+
+    python bench/eval_speed.py            # digits U-Nets of 0.22M and 1.3M params (~10 min here)
+    python bench/eval_speed.py --quick    # 36k and 0.22M params (~2 min here)
+
+For each model size, on the same briefly trained digits model, the same test images,
+the same dequantization noise and Rademacher probe, and the same tolerances:
+
+* ``isolated call``: one jitted drift + divergence evaluation (the cost an ODE solver
+  cannot go below), forward mode (jvp, the library's estimator) and reverse mode (vjp),
+  averaged over a burst of calls half as long as a solve;
+* ``diffrax (jvp)``: the library's evaluator, ``likelihood.make_log_prob_fn`` with tsit5;
+* ``diffrax (vjp)``: the same solve with a VJP-based Hutchinson estimate, the variant that
+  XLA:CPU runs slowly inside loops (jax-ml/jax#12868, SPEC 9); it is so slow that only its
+  first ``--vjp-steps`` solver steps are timed (the cost per evaluation is compared);
+* ``diffrax dopri5``: the same with Dormand-Prince 5(4), scipy's RK45 method on device;
+* ``scipy RK45``: the official code's host loop (``eval.solver = scipy_rk45``).
+
+Every path is compiled first; then the paths take turns, ``--repeats`` rounds, so that a
+change of machine load hits them alike, and each figure is the median over the rounds.
+``s/eval`` is a solve's wall time over its number of function evaluations (NFE);
+``in-solve / isolated`` shows hidden loop overhead (1.0: none; below 1: the isolated call
+pays a dispatch from Python that the solve does not). bits/dim of each path come with
+their standard errors over the images. Writes bench/results/eval_speed.{json,md}
+(``eval_speed_quick`` with --quick).
+
+The drift of a freshly initialized network is trivial (zero-initialized output layer),
+hence the brief training (plain params, not the EMA, which would barely move).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import digits  # noqa: E402
+from diffode_jax import data, ode  # noqa: E402
+from diffode_jax.dequantization import dequantize  # noqa: E402
+from diffode_jax.likelihood import bits_per_dim, make_log_prob_fn  # noqa: E402
+from diffode_jax.model import build, count_params, eval_settings, finalize_config  # noqa: E402
+from diffode_jax.train_state import create_train_state, make_optimizer, make_train_step  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# name -> (channels, num_blocks, embed_dim)
+SIZES = {"small": (32, 2, 128), "medium": (64, 4, 256)}
+QUICK_SIZES = {"tiny": (16, 1, 32), "small": (32, 2, 128)}
+
+
+def make_config(channels, num_blocks, embed_dim):
+  config = digits.get_config()
+  m = config.model
+  m.channels, m.num_blocks, m.embed_dim = channels, num_blocks, embed_dim
+  m.dropout = 0.0
+  config.training.batch_size = 32
+  config.training.warmup_steps = 10
+  return finalize_config(config)
+
+
+def train_briefly(config, components, steps: int):
+  """Plain params after a few AdamW steps on digits (enough for a non-trivial drift)."""
+  optimizer = make_optimizer(config.training)
+  state = create_train_state(components.init_params(jax.random.PRNGKey(0)), optimizer)
+  step = jax.jit(make_train_step(components.loss_fn, optimizer, 0.999, components.dim))
+  train = data.load_split(config.data, "train")
+  for i in range(steps):
+    batch = data.host_batch(train, config.training.batch_size, i, 0)
+    state, metrics = step(state, jnp.asarray(batch), jax.random.PRNGKey(i))
+  return state.params, float(metrics["loss"])
+
+
+def vjp_divergence(drift_fn, x, gamma, probe):
+  """Hutchinson v^T J v with J^T v from a vector-Jacobian product (reverse mode)."""
+  dx, pullback = jax.vjp(lambda y: drift_fn(y, gamma), x)
+  (jtv,) = pullback(probe)
+  return dx, (probe * jtv).reshape(x.shape[0], -1).sum(-1)
+
+
+def median_time(fn, repeats: int):
+  times, out = [], None
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), out
+
+
+def mean_stderr(values):
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def bench_size(name, sizes, args):
+  config = make_config(*sizes)
+  components = build(config)
+  start = time.perf_counter()
+  params, loss = train_briefly(config, components, args.train_steps)
+  train_s = time.perf_counter() - start
+  images = jnp.asarray(data.load_split(config.data, "test").images[:args.batch])
+  key = jax.random.PRNGKey(1)
+  drift = components.drift
+  schedule = components.schedule
+  settings = eval_settings(config, rtol=args.tol, atol=args.tol)
+  row = {"model": name, "params": count_params(params), "batch": args.batch,
+         "train_steps": args.train_steps, "train_loss_bpd": loss, "train_s": train_s}
+
+  # Isolated calls at a mid-range state.
+  x = schedule.marginal(jnp.asarray(images, jnp.float32) / 8.0 - 1.0,
+                        jax.random.normal(key, images.shape), 0.0)
+  probe = ode.draw_probe("rademacher", key, images.shape)
+  gamma = jnp.asarray(0.0, jnp.float32)
+  isolated = {}
+  for mode, fn in (("jvp", ode.drift_and_divergence), ("vjp", vjp_divergence)):
+    call = jax.jit(lambda p, x, g, v, fn=fn: fn(lambda y, t: drift(p, y, t), x, g, v))
+    jax.block_until_ready(call(params, x, gamma, probe))
+    isolated[mode] = lambda call=call: call(params, x, gamma, probe)
+
+  # The library's evaluator on device (jvp) and on the host (scipy RK45).
+  device = make_log_prob_fn(drift, schedule, components.num_levels, settings)
+  device_dopri = make_log_prob_fn(drift, schedule, components.num_levels,
+                                  eval_settings(config, solver="dopri5", rtol=args.tol,
+                                                atol=args.tol))
+  host = make_log_prob_fn(drift, schedule, components.num_levels,
+                          eval_settings(config, solver="scipy_rk45", rtol=args.tol,
+                                        atol=args.tol))
+  paths = {"diffrax_jvp": lambda: device(params, images, key),
+           "diffrax_dopri5": lambda: device_dopri(params, images, key),
+           "scipy_rk45": lambda: host(params, images, key)}
+  for run in paths.values():
+    run()  # compile
+  # The isolated call is timed over bursts as long as half a solve, so that it averages
+  # over the same load fluctuations as the solves (short bursts catch the quiet moments).
+  burst = max(10, int(paths["diffrax_jvp"]().nfe[0]) // 2)
+
+  # The same diffrax solve with a vjp estimator (the same noise and probe as
+  # make_log_prob_fn draws). It is slow enough that only its first vjp_steps steps are
+  # timed (max_steps caps the solve; the cost per evaluation is what is compared).
+  capped = ode.SolverConfig(rtol=args.tol, atol=args.tol, max_steps=args.vjp_steps)
+
+  @jax.jit
+  def solve_vjp(params, k, key):
+    k_deq, k_probe = jax.random.split(jax.random.fold_in(key, 0))
+    deq = dequantize("tn", k_deq, k, schedule, components.num_levels, settings.gamma_u)
+    v = ode.draw_probe("rademacher", k_probe, k.shape)
+    field = lambda g, state, a: vjp_divergence(lambda y, t: drift(params, y, t), state[0],
+                                               g, v)
+    y0 = (deq.z0, jnp.zeros(k.shape[0], jnp.float32))
+    _, nfe, _ = ode.solve_diffrax(field, y0, deq.gamma0, schedule.gamma_max, capped)
+    return nfe
+
+  jax.block_until_ready(solve_vjp(params, images, key))  # compile
+  paths["diffrax_vjp"] = lambda: solve_vjp(params, images, key)
+
+  # Interleaved repeats, so that a change of machine load hits every path alike.
+  times = {k: [] for k in ["isolated_jvp", "isolated_vjp"] + list(paths)}
+  results = {}
+  for _ in range(args.repeats):
+    for mode, call in isolated.items():
+      start = time.perf_counter()
+      for _ in range(burst):
+        jax.block_until_ready(call())
+      times[f"isolated_{mode}"].append((time.perf_counter() - start) / burst)
+    for path, run in paths.items():
+      t, results[path] = median_time(run, 1)
+      times[path].append(t)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  row["isolated_jvp_s"], row["isolated_vjp_s"] = med["isolated_jvp"], med["isolated_vjp"]
+  for path in ("diffrax_jvp", "diffrax_dopri5", "scipy_rk45"):
+    bound = results[path]
+    row[path] = {"total_s": med[path], "nfe": int(bound.nfe[0]),
+                 "s_per_eval": med[path] / bound.nfe[0],
+                 "bpd": mean_stderr(bits_per_dim(bound.log_prob, components.dim))}
+  nfe = int(results["diffrax_vjp"])
+  row["diffrax_vjp"] = {"total_s": med["diffrax_vjp"], "nfe": nfe,
+                        "s_per_eval": med["diffrax_vjp"] / nfe, "capped_steps": args.vjp_steps}
+
+  row["in_solve_over_isolated"] = row["diffrax_jvp"]["s_per_eval"] / row["isolated_jvp_s"]
+  row["vjp_in_solve_over_isolated"] = (row["diffrax_vjp"]["s_per_eval"]
+                                       / row["isolated_vjp_s"])
+  row["host_over_device_total"] = row["scipy_rk45"]["total_s"] / row["diffrax_jvp"]["total_s"]
+  row["host_over_device_per_eval"] = (row["scipy_rk45"]["s_per_eval"]
+                                      / row["diffrax_jvp"]["s_per_eval"])
+  row["host_over_dopri5_total"] = (row["scipy_rk45"]["total_s"]
+                                   / row["diffrax_dopri5"]["total_s"])
+  a, b = row["diffrax_jvp"]["bpd"], row["scipy_rk45"]["bpd"]
+  row["bpd_diff_in_stderr"] = abs(a[0] - b[0]) / max(math.hypot(a[1], b[1]), 1e-12)
+  return row
+
+
+def table(rows, header):
+  lines = [header, "",
+           "| model | params | path | NFE | s/eval | isolated call | in-solve / isolated "
+           "| total s | bits/dim |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    for label, key, iso in (("diffrax tsit5, jvp", "diffrax_jvp", "isolated_jvp_s"),
+                            ("diffrax dopri5, jvp", "diffrax_dopri5", "isolated_jvp_s"),
+                            ("scipy RK45, jvp", "scipy_rk45", "isolated_jvp_s"),
+                            ("diffrax tsit5, vjp", "diffrax_vjp", "isolated_vjp_s")):
+      p = r[key]
+      bpd = f"{p['bpd'][0]:.4f} +- {p['bpd'][1]:.4f}" if "bpd" in p else (
+          f"(first {p['capped_steps']} steps only)")
+      lines.append(
+          f"| {r['model']} | {r['params']:,} | {label} | {p['nfe']} | "
+          f"{1e3 * p['s_per_eval']:.1f} ms | {1e3 * r[iso]:.1f} ms | "
+          f"{p['s_per_eval'] / r[iso]:.2f} | {p['total_s']:.2f} | {bpd} |")
+  lines += ["", "| model | host / device (tsit5), total time | host / device (dopri5), "
+            "total time | host / device (tsit5), per evaluation "
+            "| vjp / jvp per evaluation in the solve | diffrax - scipy bits/dim, in stderr |",
+            "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['host_over_device_total']:.2f}x | "
+                 f"{r['host_over_dopri5_total']:.2f}x | "
+                 f"{r['host_over_device_per_eval']:.2f}x | "
+                 f"{r['diffrax_vjp']['s_per_eval'] / r['diffrax_jvp']['s_per_eval']:.2f}x | "
+                 f"{r['bpd_diff_in_stderr']:.2f} |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="smaller networks and batch")
+  parser.add_argument("--batch", type=int, default=None, help="test images per solve")
+  parser.add_argument("--repeats", type=int, default=3, help="timed runs per path")
+  parser.add_argument("--train-steps", type=int, default=None)
+  parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of every solver")
+  parser.add_argument("--vjp-steps", type=int, default=16,
+                      help="solver steps timed for the (slow) vjp variant")
+  args = parser.parse_args()
+  sizes = QUICK_SIZES if args.quick else SIZES
+  args.batch = args.batch or 8
+  args.train_steps = args.train_steps or (20 if args.quick else 40)
+
+  rows = []
+  for name, size in sizes.items():
+    rows.append(bench_size(name, size, args))
+    print(f"{name}: done", file=sys.stderr)
+  device = jax.devices()[0]
+  header = (f"Evaluation speed on {device.platform} ({device.device_kind}, "
+            f"{os.cpu_count()} CPUs), jax {jax.__version__}, digits 8x8x1, batch "
+            f"{args.batch}, tn dequantization, Rademacher probe, diffrax (tsit5, dopri5) vs scipy RK45, "
+            f"rtol = atol = {args.tol:g}, median of {args.repeats} runs.")
+  text = table(rows, header)
+  print(text)
+  os.makedirs(RESULTS, exist_ok=True)
+  suffix = "_quick" if args.quick else ""
+  with open(os.path.join(RESULTS, f"eval_speed{suffix}.json"), "w") as f:
+    json.dump({"platform": device.platform, "device_kind": device.device_kind,
+               "jax": jax.__version__, "python": platform.python_version(),
+               "args": vars(args), "rows": rows}, f, indent=2)
+  with open(os.path.join(RESULTS, f"eval_speed{suffix}.md"), "w") as f:
+    f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
