@@ -1,7 +1,7 @@
 """Likelihood evaluation speed: the on-device diffrax solve against the scipy host loop.
 
-    python bench/eval_speed.py            # digits U-Nets of 0.22M and 1.3M params (~10 min here)
-    python bench/eval_speed.py --quick    # 36k and 0.22M params (~2 min here)
+    python bench/eval_speed.py            # digits U-Nets of 0.22M and 1.3M params (14 min on 2 busy cores)
+    python bench/eval_speed.py --quick    # 36k and 0.22M params (3 min)
 
 For each model size, on the same briefly trained digits model, the same test images,
 the same dequantization noise and Rademacher probe, and the same tolerances:
@@ -9,12 +9,15 @@ the same dequantization noise and Rademacher probe, and the same tolerances:
 * ``isolated call``: one jitted drift + divergence evaluation (the cost an ODE solver
   cannot go below), forward mode (jvp, the library's estimator) and reverse mode (vjp),
   averaged over a burst of calls half as long as a solve;
-* ``diffrax (jvp)``: the library's evaluator, ``likelihood.make_log_prob_fn`` with tsit5;
-* ``diffrax (vjp)``: the same solve with a VJP-based Hutchinson estimate, the variant that
-  XLA:CPU runs slowly inside loops (jax-ml/jax#12868, SPEC 9); it is so slow that only its
-  first ``--vjp-steps`` solver steps are timed (the cost per evaluation is compared);
-* ``diffrax dopri5``: the same with Dormand-Prince 5(4), scipy's RK45 method on device;
-* ``scipy RK45``: the official code's host loop (``eval.solver = scipy_rk45``).
+* ``diffrax tsit5, jvp``: the library's evaluator, ``likelihood.make_log_prob_fn``, with
+  Tsit5 5(4);
+* ``diffrax dopri5, jvp``: the same with Dormand-Prince 5(4), scipy's RK45 method, on
+  device (the default ``eval.solver``, chosen by this benchmark: fewer evaluations);
+* ``scipy RK45, jvp``: the official code's host loop (``eval.solver = scipy_rk45``);
+* ``diffrax tsit5, vjp``: the Tsit5 solve with a VJP-based Hutchinson estimate, the
+  variant that XLA:CPU runs slowly inside loops (jax-ml/jax#12868, SPEC 9); it is so slow
+  that only its first ``--vjp-steps`` solver steps are timed (the cost per evaluation is
+  what is compared).
 
 Every path is compiled first; then the paths take turns, ``--repeats`` rounds, so that a
 change of machine load hits them alike, and each figure is the median over the rounds.
@@ -112,7 +115,7 @@ def bench_size(name, sizes, args):
   key = jax.random.PRNGKey(1)
   drift = components.drift
   schedule = components.schedule
-  settings = eval_settings(config, rtol=args.tol, atol=args.tol)
+  settings = eval_settings(config, solver="tsit5", rtol=args.tol, atol=args.tol)
   row = {"model": name, "params": count_params(params), "batch": args.batch,
          "train_steps": args.train_steps, "train_loss_bpd": loss, "train_s": train_s}
 
