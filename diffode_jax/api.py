@@ -123,14 +123,19 @@ def load(workdir: str, step: int | None = None) -> Model:
   """The model of a training workdir: its config.json and a checkpoint's EMA params.
 
   ``step`` None restores the latest checkpoint. Raises CheckpointError if the workdir has
-  no config.json or no (matching) checkpoint.
+  no config.json or no (matching) checkpoint, ConfigError if config.json lacks a field.
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise CheckpointError(f"no config.json in {workdir!r}: not a training workdir")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  config = finalize_config(config)
+  try:
+    config = finalize_config(config)
+  except (AttributeError, KeyError) as e:  # a field this version needs is missing
+    missing = str(e.args[0] if e.args else e).strip("\"'")  # ConfigDict quotes it twice
+    raise ConfigError(f"{path} lacks the config field '{missing}'; was it written by an "
+                      f"older version of diffode_jax?") from None
   components, params, ckpt_step = run.model_for_eval(config, workdir, step)
   return Model(config, components, params, ckpt_step)
 

@@ -169,3 +169,11 @@ def test_sample_without_checkpoint_is_one_line_error(capsys, tmp_path):
   assert cli.dispatch(_tiny(), str(tmp_path / "empty"), "sample") == 1
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: no checkpoints") and "\n" not in err
+
+
+def test_load_reports_a_config_json_missing_a_field(tmp_path):
+  config = _tiny().to_dict()
+  del config["sample"]["max_steps"]
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ConfigError, match="lacks the config field 'max_steps'"):
+    dj.load(str(tmp_path))
