@@ -77,9 +77,12 @@ def init_distributed():
   if any(v is None for v in explicit) and not auto:
     _fail("a multi-process run needs all of --coordinator_address, --num_processes and "
           "--process_id (or --distributed)")
-  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                             num_processes=FLAGS.num_processes,
-                             process_id=FLAGS.process_id)
+  try:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  except (RuntimeError, ValueError) as e:  # no cluster found, coordinator unreachable
+    _fail(f"jax.distributed.initialize failed: {' '.join(str(e).split())[:300]}")
 
 
 def main(argv):

@@ -41,10 +41,19 @@ def resolve_source(source: str) -> tuple[str, int | None]:
 
 
 def _abstract(tree, sharding):
-  """ShapeDtypeStructs of tree's arrays, placed with ``sharding`` (None: as they are)."""
-  if sharding is None:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding),
+  """ShapeDtypeStructs of tree's arrays, placed with ``sharding``.
+
+  With sharding None, jax arrays keep their placement and anything else (NumPy arrays,
+  shape structs) goes to this process's first device: never the sharding recorded in the
+  checkpoint, which names devices that may not exist here (a run saved on 8 devices is
+  restored for evaluation on 1).
+  """
+  if sharding is not None:
+    place = lambda a: sharding
+  else:
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    place = lambda a: a.sharding if isinstance(a, jax.Array) else here
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=place(a)),
                       tree)
 
 

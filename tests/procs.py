@@ -29,6 +29,19 @@ def overrides(**fields) -> list[str]:
   return [f"--config.{k}={v}" for k, v in merged.items()]
 
 
+def config(**fields):
+  """The in-process ConfigDict of ``overrides(**fields)`` (digits + TINY)."""
+  from configs import digits
+
+  c = digits.get_config()
+  merged = dict(TINY)
+  merged.update({k.replace("__", "."): v for k, v in fields.items()})
+  for path, value in merged.items():
+    section, name = path.split(".")
+    c[section][name] = value
+  return c
+
+
 def env(devices: int = 1) -> dict:
   """The environment of a subprocess with ``devices`` fake CPU devices."""
   e = dict(os.environ)

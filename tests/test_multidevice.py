@@ -1,10 +1,13 @@
 """Data parallelism: 1 and 8 (fake CPU) devices train to the same losses and parameters.
 
 XLA_FLAGS must be set before jax is imported, so each device count runs main.py in its
-own subprocess; both start at once (they compile in parallel on the two cores).
+own subprocess; both start at once (they compile in parallel on the two cores). The
+checkpoint written on 8 devices is then restored and continued in this 1-device process.
 """
 
 import procs
+from diffode_jax import run
+from diffode_jax.model import build, finalize_config
 
 
 def test_one_and_eight_devices_give_the_same_run(tmp_path):
@@ -21,6 +24,13 @@ def test_one_and_eight_devices_give_the_same_run(tmp_path):
     assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
   procs.assert_trees_close(procs.load_checkpoint(tmp_path / "one"),
                            procs.load_checkpoint(tmp_path / "eight"), rtol=1e-4, atol=1e-6)
+
+  # The 8-device checkpoint serves this 1-device process: evaluation, and resuming.
+  config = finalize_config(procs.config(training__num_steps=4, training__checkpoint_every=3))
+  _, step = run.restore_for_eval(config, str(tmp_path / "eight"), build(config))
+  assert step == 3
+  run.train(config, str(tmp_path / "eight"))
+  assert sorted(procs.losses(tmp_path / "eight")) == [1, 2, 3, 4]
 
 
 def test_batch_not_divisible_by_devices_is_one_line(tmp_path):
