@@ -1,6 +1,5 @@
 """Data sets, image folders, per-host batches and augmentation; offline (no network)."""
 
-import io
 import os
 import pickle
 import zipfile
