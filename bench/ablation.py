@@ -16,7 +16,8 @@ Every setting trains the same network with the same steps, batch and seed
 | velocity, IS + 2nd order | "velocity, IS" fine-tuned with the second-order loss for 10% more steps |
 
 Each final EMA model is evaluated on the test images with `tn`, `u` and `v`
-dequantization (K = 1), `tn` with K = 8 on a subset, and the VDM ELBO (`sde_bpd`).
+dequantization (K = 1) and the VDM ELBO (`sde_bpd`), and with `tn` at K = 8 and K = 1 on
+the same smaller subset (paired).
 Test bits/dim (`tn`, on a subset) is also recorded along training to show convergence
 speed. Classical baselines on the same splits: bench/baselines.py.
 
@@ -58,7 +59,14 @@ SETTINGS = {
     "velocity, IS + 2nd order": {"model.second_order": True},  # fine-tunes "velocity, IS"
 }
 FINETUNE_FROM = {"velocity, IS + 2nd order": "velocity, IS"}
-EVALS = [("tn", 1), ("u", 1), ("v", 1), ("tn", 8)]
+# (dequantization, K, image set): K = 8 runs on a subset, so K = 1 is repeated on that
+# same subset for a paired comparison.
+EVALS = [("tn", 1, "test"), ("u", 1, "test"), ("v", 1, "test"), ("tn", 8, "k8"),
+         ("tn", 1, "k8")]
+
+
+def _eval_name(deq, k, subset):
+  return f"{deq}_K{k}" + ("_k8set" if subset == "k8" and k == 1 else "")
 
 
 def _set(config, dotted, value):
@@ -104,14 +112,18 @@ def train_with_curve(config, workdir, test_images, budget, start_step=0):
   return curve
 
 
-def evaluate_final(workdir, test_images, k8_images):
+def evaluate_final(workdir, test_images, k8_images, out=None):
+  """Evaluations of EVALS missing from ``out`` (a dict, updated and returned)."""
   model = dj.load(workdir)
-  out = {}
-  for deq, k in EVALS:
-    images = k8_images if k > 1 else test_images
+  out = {} if out is None else out
+  for deq, k, subset in EVALS:
+    name = _eval_name(deq, k, subset)
+    if name in out:
+      continue
+    images = k8_images if subset == "k8" else test_images
     _, report = model.bpd(images, jax.random.PRNGKey(2), dequantization=deq,
                           num_importance=k)
-    out[f"{deq}_K{k}"] = {key: report[key] for key in
+    out[name] = {key: report[key] for key in
                           ("bpd", "bpd_stderr", "sde_bpd", "sde_bpd_stderr", "nfe_mean",
                            "num_images")}
     print(f"  {deq} K={k}: {report['bpd']:.4f} +- {report['bpd_stderr']:.4f}", flush=True)
@@ -150,19 +162,21 @@ def write_outputs(results, budget, quick):
   lines = [f"Budget per setting: {budget['steps']} steps of batch 128, same network and "
            f"seed; test images: {budget['test_images']} (K = 8 on {budget['k8_images']}). "
            "bits/dim +- standard error.", "",
-           "| data | setting | tn | u | v | tn K=8 | sde_bpd |", "|---|---|---|---|---|---|---|"]
+           "| data | setting | tn | u | v | sde_bpd | tn K=1, subset | tn K=8, subset |",
+           "|---|---|---|---|---|---|---|---|"]
   for dataset, per in results.items():
     for name, res in per.items():
       if name == "baselines":
         continue
       e = res["eval"]
-      cell = lambda k: f"{e[k]['bpd']:.3f} +- {e[k]['bpd_stderr']:.3f}"
+      cell = lambda k: f"{e[k]['bpd']:.3f} +- {e[k]['bpd_stderr']:.3f}" if k in e else "-"
       lines.append(f"| {dataset} | {name} | {cell('tn_K1')} | {cell('u_K1')} | "
-                   f"{cell('v_K1')} | {cell('tn_K8')} | {e['tn_K1']['sde_bpd']:.3f} |")
+                   f"{cell('v_K1')} | {e['tn_K1']['sde_bpd']:.3f} | {cell('tn_K1_k8set')} | "
+                   f"{cell('tn_K8')} |")
     base = per.get("baselines", {})
     for bname, b in base.items():
       lines.append(f"| {dataset} | baseline: {bname} | {b['bpd']:.3f} +- {b['bpd_stderr']:.3f} "
-                   f"| | | | |")
+                   f"| | | | | |")
   table = "\n".join(lines) + "\n"
   with open(os.path.join(RESULTS, f"ablation{suffix}.md"), "w") as f:
     f.write(table)
@@ -232,6 +246,11 @@ def main():
       write_outputs(results, budget, args.quick)
     for setting in args.settings.split(";"):
       if setting in per:
+        workdir = os.path.join(runs_dir, dataset, _slug(setting))
+        missing = [e for e in EVALS if _eval_name(*e) not in per[setting]["eval"]]
+        if missing and os.path.isdir(workdir):
+          evaluate_final(workdir, test_images, k8_images, per[setting]["eval"])
+          write_outputs(results, budget, args.quick)
         continue
       print(f"{dataset}: {setting}", flush=True)
       per[setting] = run_setting(dataset, setting, budget, runs_dir, test_images, k8_images)
