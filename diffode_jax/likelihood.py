@@ -21,6 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from diffode_jax import ode
 from diffode_jax.dequantization import EVAL_DEQUANTIZATIONS, dequantize
@@ -78,8 +79,19 @@ def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
 
   ``drift(params, x, gamma)`` is the probability-flow drift of a batch at scalar gamma.
   Each of the K samples draws its own dequantization noise and divergence probe.
+
+  Caveat for K > 1 with a Hutchinson divergence: the importance-weighted bound needs
+  unbiased estimates of p, but Hutchinson gives unbiased estimates of log p, so
+  exp(noisy log p) is biased upward and the K-sample average may overstate the
+  likelihood by an amount that grows with the probe variance. Use divergence='exact'
+  (small images) to check; a warning is logged.
   """
   s = settings
+  if s.num_importance > 1 and s.divergence != "exact":
+    logging.warning("num_importance=%d with a %s (Hutchinson) divergence: the "
+                    "importance-weighted bound can be biased upward by the estimator's "
+                    "noise; check with divergence='exact' on small images",
+                    s.num_importance, s.divergence)
 
   def prepare(k, key):
     k_deq, k_probe = jax.random.split(key)
