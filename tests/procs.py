@@ -136,3 +136,13 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   for (path, x), y in zip(flat_a, flat_b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def assert_same_run(dir_a, dir_b, steps=(1, 2, 3)):
+  """Two training workdirs logged the same losses at the same steps and saved the same
+  final parameters (to float tolerance)."""
+  a, b = losses(dir_a), losses(dir_b)
+  assert sorted(a) == sorted(b) == list(steps)
+  for step in a:
+    assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+  assert_trees_close(load_checkpoint(dir_a), load_checkpoint(dir_b), rtol=1e-4, atol=1e-6)
