@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Callable
 
 import diffrax
@@ -152,9 +151,3 @@ def solve_scipy(field, y0, t0, t1, cfg: SolverConfig, args=None):
   y1 = (end[:n].reshape(shape).astype(np.float32), end[n:].astype(np.float32))
   return y1, sol.nfev, bool(sol.success)
 
-
-def timed(fn, *args):
-  """Runs fn and blocks on its result; returns (result, seconds)."""
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return out, time.perf_counter() - start
