@@ -249,7 +249,8 @@ def _plot(dataset, per, path):
                 label=name)
   for bname, b in per.get("baselines", {}).items():
     ax.axhline(b["bpd"], linestyle="--", color="gray", linewidth=1)
-    ax.text(0, b["bpd"], f" {bname}", va="bottom", fontsize=8, color="gray")
+    ax.text(0.01, b["bpd"], bname, va="bottom", fontsize=8, color="gray",
+            transform=ax.get_yaxis_transform())
   ax.set_title(f"{dataset}: test bits/dim (tn, EMA model) during training")
   ax.set_xlabel("training step")
   ax.set_ylabel("bits/dim")
