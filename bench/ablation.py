@@ -227,10 +227,30 @@ def write_table(budgets, suffix):
     for bname, b in per.get("baselines", {}).items():
       rows.append(f"| {dataset} | baseline: {bname} | | "
                   f"{b['bpd']:.3f} +- {b['bpd_stderr']:.3f} | | | | | |")
-  table = "\n".join(lines + [""] + rows) + "\n"
+  notes = []
+  for dataset, budget in budgets.items():
+    per = load_cached(dataset, budget, suffix)
+    base = per.get("eps, uniform t", {}).get("curve")
+    if not base:
+      continue
+    target = base[-1]["bpd"]
+    reached = [f"{name}: " + (f"step {step}" if (step := steps_to_reach(res["curve"], target))
+                              else "not within the budget")
+               for name, res in per.items()
+               if name not in ("baselines", "eps, uniform t") and res.get("curve")]
+    notes.append(f"- {dataset}, convergence (tn on the {budget['curve_images']}-image curve "
+                 f"subset): the eps baseline ends at {target:.3f} bits/dim after step "
+                 f"{base[-1]['step']}; first checkpoint at or below it: "
+                 + "; ".join(reached) + ".")
+  table = "\n".join(lines + [""] + rows + ([""] + notes if notes else [])) + "\n"
   with open(os.path.join(RESULTS, f"ablation{suffix}.md"), "w") as f:
     f.write(table)
   print(table, flush=True)
+
+
+def steps_to_reach(curve, target):
+  """First recorded step whose bits/dim is at or below ``target`` (None if none is)."""
+  return next((c["step"] for c in curve if c["bpd"] <= target), None)
 
 
 def _plot(dataset, per, path):

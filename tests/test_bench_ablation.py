@@ -55,3 +55,11 @@ def test_cache_is_keyed_by_budget_and_table_marks_missing_cells(tmp_path, monkey
                    "2.250", "-", "-"]
   assert "baseline: per-pixel categorical" in table
   assert "photo_patches" not in table  # nothing cached for it
+
+
+def test_steps_to_reach_is_the_first_checkpoint_at_or_below_the_target():
+  curve = [{"step": 500, "bpd": 3.0}, {"step": 1000, "bpd": 2.4},
+           {"step": 1500, "bpd": 2.5}, {"step": 2000, "bpd": 2.2}]
+  assert ablation.steps_to_reach(curve, 2.4) == 1000
+  assert ablation.steps_to_reach(curve, 2.3) == 2000
+  assert ablation.steps_to_reach(curve, 2.1) is None
