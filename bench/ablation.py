@@ -185,11 +185,18 @@ def load_cached(dataset, budget, suffix):
     return {}
   with open(path) as f:
     saved = json.load(f)
-  return saved["results"] if saved.get("budget") == _jsonable(budget) else {}
+  return saved["results"] if _training_budget(saved.get("budget", {})) == _training_budget(
+      _jsonable(budget)) else {}
 
 
 def _jsonable(budget):
   return json.loads(json.dumps(budget))
+
+
+def _training_budget(budget):
+  """The budget without its list of evaluations: adding one later keeps the cached runs
+  (the missing evaluations are then run on the saved checkpoints)."""
+  return {k: v for k, v in budget.items() if k != "evals"}
 
 
 def save_dataset(dataset, per, budget, suffix):

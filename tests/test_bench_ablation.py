@@ -46,6 +46,8 @@ def test_cache_is_keyed_by_budget_and_table_marks_missing_cells(tmp_path, monkey
   other = dict(budgets["digits"], steps=601)
   assert ablation.load_cached("digits", other, "_quick") == {}
   assert ablation.load_cached("photo_patches", budgets["photo_patches"], "_quick") == {}
+  more_evals = dict(budgets["digits"], evals=ablation.ALL_EVALS[:1])
+  assert ablation.load_cached("digits", more_evals, "_quick") == per
 
   ablation.write_table(budgets, "_quick")
   table = (tmp_path / "ablation_quick.md").read_text()
