@@ -126,6 +126,25 @@ def test_tn_bound_on_training_images_is_log2_n_over_d(oracle_model, digits_sets)
   assert np.all(np.abs(bpd - expected) < 0.03), bpd
 
 
+def test_tn_is_tight_and_u_is_not_on_8_bit_photo_tiles():
+  """The 8-bit case of the paper's claim, on the oracle of 16 photo_patches tiles (V = 256,
+  gamma_min = -13.3): `tn` meets log2(N)/D up to the truncation term, `u` is far above."""
+  from configs import photo_patches
+
+  config = photo_patches.get_config()
+  train = data.load_split(config.data, "train").images[:NUM_TRAIN]
+  model = dj.oracle(train, config)
+  images = train[:4]
+  tn, _ = model.bpd(images, jax.random.PRNGKey(0), dequantization="tn", divergence="exact")
+  u, _ = model.bpd(images, jax.random.PRNGKey(0), dequantization="u", divergence="exact")
+  _, _, tau = truncation(model.components.schedule, model.components.num_levels)
+  expected = (math.log2(NUM_TRAIN) / model.components.dim
+              - math.log2(math.erf(float(tau) / math.sqrt(2.0))))
+  assert model.components.num_levels == 256 and model.components.dim == 192
+  assert abs(tn.mean() - expected) < 0.01, (tn.mean(), expected)
+  assert u.mean() > tn.mean() + 0.2, (u.mean(), tn.mean())
+
+
 def test_uniform_is_worse_and_importance_weighting_helps(oracle_model, digits_sets):
   """`u` loses to `tn` (it spends mass outside the data's Gaussian); K = 8 beats K = 1."""
   _, train, _ = digits_sets
