@@ -14,6 +14,7 @@ Every setting trains the same network with the same steps, batch and seed
 | velocity, IS, SP | the same on the straight-path schedule |
 | velocity, IS, train u-deq | trained on uniformly dequantized data (ScoreFlow) (issue 5) |
 | velocity, IS + 2nd order | "velocity, IS" fine-tuned with the second-order loss for 10% more steps |
+| velocity, IS + 1st order | its control: the same fine-tune with the first-order loss |
 
 Each final EMA model is evaluated on the test images with `tn`, `u` and `v`
 dequantization (K = 1) and the VDM ELBO (`sde_bpd`), and with `tn` at K = 8 and K = 1 on
@@ -62,8 +63,11 @@ SETTINGS = {
     "velocity, IS, SP": {"model.schedule": "SP"},
     "velocity, IS, train u-deq": {"training.dequantization": "uniform"},
     "velocity, IS + 2nd order": {"model.second_order": True},  # fine-tunes "velocity, IS"
+    # The control of the fine-tune: the same extra steps with the first-order loss.
+    "velocity, IS + 1st order": {},
 }
-FINETUNE_FROM = {"velocity, IS + 2nd order": "velocity, IS"}
+FINETUNE_FROM = {"velocity, IS + 2nd order": "velocity, IS",
+                 "velocity, IS + 1st order": "velocity, IS"}
 # (dequantization, K, image set): K = 8 runs on a subset, so K = 1 is repeated on that
 # same subset for a paired comparison.
 ALL_EVALS = [("tn", 1, "test"), ("u", 1, "test"), ("v", 1, "test"), ("tn", 8, "k8"),
