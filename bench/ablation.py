@@ -115,22 +115,22 @@ def _slug(text):
   return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
 
-def _test_subset(images, n, seed=0):
+def fixed_subset(images, n, seed=0):
+  """A fixed subset of n images (sorted indices of a seeded permutation)."""
   idx = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
   return images[idx]
 
 
-def train_with_curve(config, workdir, test_images, budget, start_step=0):
+def train_with_curve(config, workdir, test_images, budget):
   """Trains to config.training.num_steps in chunks, evaluating tn bits/dim after each."""
   curve = []
   total = config.training.num_steps
-  for stop in range(start_step + budget["interval"], total + 1, budget["interval"]):
+  for stop in range(budget["interval"], total + 1, budget["interval"]):
     config.training.num_steps = stop
     run.train(config, workdir)
     model = dj.load(workdir)
-    bpd, _ = model.bpd(test_images, jax.random.PRNGKey(1), dequantization="tn")
-    curve.append({"step": stop, "bpd": float(bpd.mean()),
-                  "bpd_stderr": float(bpd.std(ddof=1) / np.sqrt(len(bpd)))})
+    _, report = model.bpd(test_images, jax.random.PRNGKey(1), dequantization="tn")
+    curve.append({"step": stop, "bpd": report["bpd"], "bpd_stderr": report["bpd_stderr"]})
     print(f"  step {stop}: tn {curve[-1]['bpd']:.4f} (curve subset)", flush=True)
   config.training.num_steps = total
   return curve
@@ -170,7 +170,7 @@ def run_setting(dataset, setting, budget, runs_dir, test_images, k8_images):
     curve = []
     steps = base_steps + extra
   else:
-    curve = train_with_curve(config, workdir, _test_subset(test_images, budget["curve_images"]),
+    curve = train_with_curve(config, workdir, fixed_subset(test_images, budget["curve_images"]),
                              budget)
     steps = budget["steps"]
   result = {"steps": steps, "curve": curve, "train_seconds": time.perf_counter() - start}
@@ -189,12 +189,8 @@ def load_cached(dataset, budget, suffix):
     return {}
   with open(path) as f:
     saved = json.load(f)
-  return saved["results"] if _training_budget(saved.get("budget", {})) == _training_budget(
-      _jsonable(budget)) else {}
-
-
-def _jsonable(budget):
-  return json.loads(json.dumps(budget))
+  same = _training_budget(saved.get("budget", {})) == _training_budget(budget)
+  return saved["results"] if same else {}
 
 
 def _training_budget(budget):
@@ -216,13 +212,14 @@ def write_table(budgets, suffix):
             "batch 128, network and seed."), ""]
   rows = [("| data | setting | steps | tn | u | v | sde_bpd | tn K=1, subset | "
            "tn K=8, subset |"), "|---|---|---|---|---|---|---|---|---|"]
+  cached = {dataset: load_cached(dataset, budget, suffix) for dataset, budget in budgets.items()}
   for dataset, budget in budgets.items():
-    per = load_cached(dataset, budget, suffix)
+    per = cached[dataset]
     if not per:
       continue
     lines.append(f"- {dataset}: {budget['steps']} steps; {budget['test_images']} test images"
                  + (f", K = 8 on a subset of {budget['k8_images']}"
-                    if ("tn", 8, "k8") in [tuple(e) for e in budget["evals"]] else ""))
+                    if ("tn", 8, "k8") in budget["evals"] else ""))
     for name, res in per.items():
       if name == "baselines":
         continue
@@ -240,7 +237,7 @@ def write_table(budgets, suffix):
                   f"{b['bpd']:.3f} +- {b['bpd_stderr']:.3f} | | | | | |")
   notes = []
   for dataset, budget in budgets.items():
-    per = load_cached(dataset, budget, suffix)
+    per = cached[dataset]
     base = per.get("eps, uniform t", {}).get("curve")
     if not base:
       continue
@@ -311,8 +308,8 @@ def main():
     cfg = DATASETS[dataset]()
     train_images = data_lib.load_split(cfg.data, "train").images
     test_all = data_lib.load_split(cfg.data, "test").images
-    test_images = _test_subset(test_all, budget["test_images"])
-    k8_images = _test_subset(test_all, budget["k8_images"])
+    test_images = fixed_subset(test_all, budget["test_images"])
+    k8_images = fixed_subset(test_all, budget["k8_images"])
     per = load_cached(dataset, budget, suffix)
     if "baselines" not in per:
       print(f"{dataset}: classical baselines", flush=True)

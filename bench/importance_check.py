@@ -20,11 +20,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import diffode_jax as dj  # noqa: E402
+from ablation import fixed_subset  # noqa: E402
 from diffode_jax import data as data_lib  # noqa: E402
 
 
@@ -38,8 +40,7 @@ def main():
 
   model = dj.load(args.workdir)
   test = data_lib.load_split(model.config.data, "test").images
-  idx = np.sort(np.random.default_rng(0).permutation(len(test))[:args.images])
-  images = test[idx]
+  images = fixed_subset(test, args.images)  # the ablation's subsets use the same rule
   rows = []
   for divergence in ("rademacher", "exact"):
     for k in (1, args.k):
@@ -59,8 +60,8 @@ def main():
 
   lines = [f"Run `{args.workdir}`, step {model.step}; {len(images)} test images (fixed "
            f"subset), `tn`, dopri5 at rtol = atol = {model.config.eval.rtol:g}. bits/dim +- "
-           "standard error; the gain is K = 1 minus K = {0} on the same images (paired).".format(
-               args.k), "",
+           f"standard error; the gain is K = 1 minus K = {args.k} on the same images "
+           "(paired).", "",
            f"| trace | K = 1 | K = {args.k} | gain | seconds |", "|---|---|---|---|---|"]
   for div in ("rademacher", "exact"):
     one, many = (r for r in rows if r["divergence"] == div)
