@@ -65,3 +65,14 @@ def test_steps_to_reach_is_the_first_checkpoint_at_or_below_the_target():
   assert ablation.steps_to_reach(curve, 2.4) == 1000
   assert ablation.steps_to_reach(curve, 2.3) == 2000
   assert ablation.steps_to_reach(curve, 2.1) is None
+
+
+def test_every_budget_trains_to_its_last_curve_point():
+  # train_with_curve stops at multiples of the interval: a remainder would go untrained.
+  for name, budgets in ablation.BUDGETS.items():
+    for dataset, budget in budgets.items():
+      assert dataset in ablation.DATASETS, (name, dataset)
+      assert budget["steps"] % budget["interval"] == 0, (name, dataset)
+      assert set(map(tuple, budget["evals"])) <= set(ablation.ALL_EVALS), (name, dataset)
+  assert ablation.LONG_SETTING in ablation.SETTINGS
+  assert ablation.LONG_SETTING not in ablation.FINETUNE_FROM
