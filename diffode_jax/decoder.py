@@ -7,9 +7,18 @@ standard deviation sigma_0 / alpha_0 = exp(gamma_min / 2):
     logits_j = -0.5 * ((z_0 / alpha_0 - x_j) / exp(gamma_min / 2))^2,
 
 normalized over j. Log-probabilities are natural logs.
+
+All V logits per pixel are needed only when that Gaussian spans many bins. At the default
+gamma_min its standard deviation is 1 / (2 tau) = 1/6 of a bin, so for large V (16-bit
+data: V = 65536, which would need 65536 logits per pixel) the normalizer is taken over a
+window of bins around the one nearest to z_0 / alpha_0, wide enough (``WINDOW_SIGMAS``
+standard deviations each way) that the mass outside it is below exp(-WINDOW_SIGMAS^2 / 2),
+far below float32 resolution. Where the window would cover every bin, all V are used.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,24 +26,70 @@ import jax.numpy as jnp
 from diffode_jax.discretization import bin_centre
 from diffode_jax.schedules import Schedule
 
+WINDOW_SIGMAS = 14.0
+
+
+def _scaled_and_width(z0, schedule: Schedule):
+  gamma0 = jnp.asarray(schedule.gamma_min, z0.dtype)
+  return z0 / schedule.alpha(gamma0), jnp.exp(gamma0 / 2)
+
+
+def window_size(schedule: Schedule, num_levels: int) -> int:
+  """Bins scored per pixel: V, or an odd window when the decoder is much narrower."""
+  sd_bins = math.exp(schedule.gamma_min / 2) * num_levels / 2  # sd over the bin width 2/V
+  half = math.ceil(WINDOW_SIGMAS * sd_bins) + 1
+  return min(num_levels, 2 * half + 1)
+
+
+def decoder_logits(z0, schedule: Schedule, num_levels: int):
+  """(levels, unnormalized logits) of the bins scored for each pixel, each z0.shape + (n,).
+
+  n = window_size(schedule, V); with n = V the levels are 0..V-1 for every pixel.
+  """
+  scaled, width = _scaled_and_width(z0, schedule)
+  n = window_size(schedule, num_levels)
+  if n == num_levels:
+    levels = jnp.broadcast_to(jnp.arange(num_levels), z0.shape + (num_levels,))
+  else:
+    nearest = jnp.floor((scaled + 1.0) * num_levels / 2.0).astype(jnp.int32)
+    start = jnp.clip(nearest - n // 2, 0, num_levels - n)
+    levels = start[..., None] + jnp.arange(n)
+  centres = bin_centre(levels, num_levels).astype(z0.dtype)
+  return levels, -0.5 * ((scaled[..., None] - centres) / width) ** 2
+
 
 def decoder_log_probs(z0, schedule: Schedule, num_levels: int):
-  """log p(j | z_0) for every level j; shape z0.shape + (V,)."""
-  gamma0 = jnp.asarray(schedule.gamma_min, z0.dtype)
-  scaled = z0 / schedule.alpha(gamma0)
+  """log p(j | z_0) for every level j; shape z0.shape + (V,) (no window: small V only)."""
+  scaled, width = _scaled_and_width(z0, schedule)
   centres = bin_centre(jnp.arange(num_levels), num_levels).astype(z0.dtype)
-  logits = -0.5 * ((scaled[..., None] - centres) / jnp.exp(gamma0 / 2)) ** 2
+  logits = -0.5 * ((scaled[..., None] - centres) / width) ** 2
   return jax.nn.log_softmax(logits, axis=-1)
 
 
 def decoder_log_likelihood(k, z0, schedule: Schedule, num_levels: int):
   """sum over pixels of log p(k | z_0), per example (leading axis)."""
-  log_probs = decoder_log_probs(z0, schedule, num_levels)
-  picked = jnp.take_along_axis(log_probs, k.astype(jnp.int32)[..., None], axis=-1)[..., 0]
+  _, logits = decoder_logits(z0, schedule, num_levels)
+  scaled, width = _scaled_and_width(z0, schedule)
+  # The logit of k itself, from the formula: k may lie outside the window.
+  logit_k = -0.5 * ((scaled - bin_centre(k, num_levels).astype(z0.dtype)) / width) ** 2
+  picked = logit_k - jax.nn.logsumexp(logits, axis=-1)
   return picked.reshape(k.shape[0], -1).sum(axis=-1)
+
+
+def _level_dtype(num_levels: int):
+  return jnp.uint8 if num_levels <= 256 else jnp.int32
 
 
 def decode_argmax(z0, schedule: Schedule, num_levels: int):
   """The most likely integer image under the decoder (uint8 for V <= 256, else int32)."""
-  levels = jnp.argmax(decoder_log_probs(z0, schedule, num_levels), axis=-1)
-  return levels.astype(jnp.uint8 if num_levels <= 256 else jnp.int32)
+  levels, logits = decoder_logits(z0, schedule, num_levels)
+  best = jnp.take_along_axis(levels, jnp.argmax(logits, axis=-1)[..., None], axis=-1)
+  return best[..., 0].astype(_level_dtype(num_levels))
+
+
+def decode_sample(key, z0, schedule: Schedule, num_levels: int):
+  """Integer images drawn from the decoder (uint8 for V <= 256, else int32)."""
+  levels, logits = decoder_logits(z0, schedule, num_levels)
+  pick = jax.random.categorical(key, logits, axis=-1)
+  best = jnp.take_along_axis(levels, pick[..., None], axis=-1)
+  return best[..., 0].astype(_level_dtype(num_levels))
