@@ -95,7 +95,7 @@ class Model:
               "batch_size": batch_size or self.config.eval.batch_size,
               "gamma_min": self.config.model.gamma_min,
               "gamma_u": settings.gamma_u if settings.dequantization == "u" else None}
-    report.update(settings_report(settings))
+    report.update(settings_report(settings, self.components.schedule))
     report.update(summarize(rows))
     report["wall_time_s"] = time.perf_counter() - start
     return np.array([r["bpd"] for r in rows]), report

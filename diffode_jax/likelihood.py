@@ -56,6 +56,16 @@ class EvalSettings:
                        f"{ode.DIVERGENCES}")
 
 
+def start_gamma(settings: EvalSettings, schedule: Schedule) -> float:
+  """The gamma at which the ODE starts: gamma_u for ``u``, else gamma_min."""
+  return float(settings.gamma_u if settings.dequantization == "u" else schedule.gamma_min)
+
+
+def effective_solver(settings: EvalSettings, schedule: Schedule) -> ode.SolverConfig:
+  """settings.solver with rtol and atol multiplied by ``ode.tolerance_scale``."""
+  return ode.scaled_tolerances(settings.solver, start_gamma(settings, schedule))
+
+
 def prior_log_density(x1, schedule: Schedule):
   """log N(x_1; 0, sigma_max^2 I) per example, natural log."""
   sigma1 = schedule.sigma(jnp.asarray(schedule.gamma_max, x1.dtype))
@@ -87,6 +97,7 @@ def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
   (small images) to check; a warning is logged.
   """
   s = settings
+  solver = effective_solver(s, schedule)
   if s.num_importance > 1 and s.divergence != "exact":
     logging.warning("num_importance=%d with a %s (Hutchinson) divergence: the "
                     "importance-weighted bound can be biased upward by the estimator's "
@@ -115,7 +126,7 @@ def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
       deq, probe = prepare_jit(k, key)
       y0 = (deq.z0, jnp.zeros(k.shape[0], jnp.float32))
       (x1, delta), nfe, ok = ode.solve_scipy(field, y0, deq.gamma0, schedule.gamma_max,
-                                             s.solver, args=(params, probe))
+                                             solver, args=(params, probe))
       return np.asarray(finish(jnp.asarray(x1), jnp.asarray(delta), deq.log_weight)), nfe, ok
   else:
 
@@ -125,7 +136,7 @@ def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
       field = ode.augmented_vector_field(lambda x, g: drift(params, x, g), probe)
       y0 = (deq.z0, jnp.zeros(k.shape[0], jnp.float32))
       (x1, delta), nfe, ok = ode.solve_diffrax(field, y0, deq.gamma0, schedule.gamma_max,
-                                               s.solver)
+                                               solver)
       return finish(x1, delta, deq.log_weight), nfe, ok
 
     def one_sample(params, k, key):
@@ -169,13 +180,17 @@ def check_bound(bound: Bound, settings: EvalSettings):
     raise LikelihoodError("the likelihood is not finite (NaN or Inf in the ODE solve)")
 
 
-def settings_report(settings: EvalSettings) -> dict:
-  """The settings fields of a report (eval/bpd.json and the Python API)."""
+def settings_report(settings: EvalSettings, schedule: Schedule) -> dict:
+  """The settings fields of a report (eval/bpd.json and the Python API).
+
+  rtol and atol are the configured ones; the solver ran with them times ode.tolerance_scale.
+  """
   return {"dequantization": settings.dequantization,
           "num_importance": settings.num_importance,
           "analytic_entropy": settings.analytic_entropy,
           "divergence": settings.divergence, "solver": settings.solver.solver,
-          "rtol": settings.solver.rtol, "atol": settings.solver.atol}
+          "rtol": settings.solver.rtol, "atol": settings.solver.atol,
+          "tolerance_scale": ode.tolerance_scale(start_gamma(settings, schedule))}
 
 
 def evaluate_batches(log_prob_fn, params, images, batch_size: int, key, settings: EvalSettings,

@@ -460,7 +460,7 @@ def evaluate(config, workdir: str) -> dict:
   os.makedirs(eval_dir, exist_ok=True)
   header = {"checkpoint_step": ckpt_step, "batch_size": e.batch_size, "seed": config.seed,
             "split": e.split, "dataset": split.name, "arch": config.model.arch}
-  header.update(settings_report(settings))
+  header.update(settings_report(settings, components.schedule))
   per_image = os.path.join(eval_dir, "per_image.jsonl")
   done = _load_partial(per_image, header)
   first_batch = len(done) // e.batch_size

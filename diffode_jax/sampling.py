@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffode_jax import ode
-from diffode_jax.decoder import decode_argmax, decoder_log_probs
+from diffode_jax.decoder import decode_argmax, decode_sample
 from diffode_jax.discretization import to_levels
 from diffode_jax.schedules import Schedule
 
@@ -66,8 +66,7 @@ def to_integers(z0, key, schedule: Schedule, num_levels: int, decode: str):
   if decode == "argmax":
     return decode_argmax(z0, schedule, num_levels)
   if decode == "sample":
-    levels = jax.random.categorical(key, decoder_log_probs(z0, schedule, num_levels))
-    return levels.astype(jnp.uint8 if num_levels <= 256 else jnp.int32)
+    return decode_sample(key, z0, schedule, num_levels)
   if decode == "round":
     alpha0 = schedule.alpha(jnp.asarray(schedule.gamma_min, z0.dtype))
     return to_levels(z0 / alpha0, num_levels)
@@ -83,7 +82,7 @@ def make_sample_fn(drift, schedule: Schedule, num_levels: int, shape, settings: 
     sigma_max = schedule.sigma(jnp.asarray(schedule.gamma_max, jnp.float32))
     x1 = sigma_max * jax.random.normal(k_noise, shape, jnp.float32)
     z0, nfe, ok = flow(drift, params, x1, schedule.gamma_max, schedule.gamma_min,
-                       settings.solver)
+                       ode.scaled_tolerances(settings.solver, schedule.gamma_min))
     ok = ok & jnp.all(jnp.isfinite(z0))
     return to_integers(z0, k_decode, schedule, num_levels, settings.decode), nfe, ok
 

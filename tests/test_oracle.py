@@ -145,6 +145,28 @@ def test_tn_is_tight_and_u_is_not_on_8_bit_photo_tiles():
   assert u.mean() > tn.mean() + 0.2, (u.mean(), tn.mean())
 
 
+def test_tn_is_tight_on_16_bit_images():
+  """Bit depth is only a parameter: the same log2(N)/D bound at V = 65536 (gamma_min from
+  V: -24.4), where the decoder scores a window of bins rather than all 65536."""
+  from configs import photo_patches
+
+  config = photo_patches.get_config()
+  tiles = data.load_split(config.data, "train").images[:NUM_TRAIN]
+  low_bits = np.random.default_rng(0).integers(0, 256, tiles.shape)
+  train = (tiles.astype(np.uint16) << 8) | low_bits.astype(np.uint16)
+  config.data.num_levels = 65536
+  model = dj.oracle(train, config)
+  images = train[:2]
+  tn, report = model.bpd(images, jax.random.PRNGKey(0), dequantization="tn",
+                         divergence="exact")
+  _, _, tau = truncation(model.components.schedule, model.components.num_levels)
+  expected = (math.log2(NUM_TRAIN) / model.components.dim
+              - math.log2(math.erf(float(tau) / math.sqrt(2.0))))
+  assert model.components.num_levels == 65536
+  assert abs(tn.mean() - expected) < 0.01, (tn.mean(), expected)
+  assert np.isfinite(report["sde_bpd"])
+
+
 def test_uniform_is_worse_and_importance_weighting_helps(oracle_model, digits_sets):
   """`u` loses to `tn` (it spends mass outside the data's Gaussian); K = 8 beats K = 1."""
   _, train, _ = digits_sets
@@ -204,3 +226,22 @@ def test_oracle_api_checks_images(digits_sets):
     dj.oracle(train.astype(np.float32), config)
   with pytest.raises(data.DataError, match="num_levels"):
     dj.oracle(np.full((2, 8, 8, 1), 20, np.uint8), config)
+
+
+def test_solver_tolerances_scale_with_the_start_noise():
+  """Only starts finer than the 8-bit default are tightened, in proportion to the noise."""
+  from diffode_jax.likelihood import EvalSettings, effective_solver, tolerance_scale
+  from diffode_jax.schedules import default_gamma_min, default_gamma_u
+
+  for levels in (2, 17, 256):
+    assert tolerance_scale(default_gamma_min(levels)) == 1.0
+    assert tolerance_scale(default_gamma_u(levels)) == 1.0
+  # sigma_0 / alpha_0 = 1 / (3 V): 16-bit data is 256 times finer than 8-bit
+  assert math.isclose(tolerance_scale(default_gamma_min(65536)), 1 / 256, rel_tol=1e-9)
+  schedule = Schedule("VP", default_gamma_min(65536), 5.0)
+  tn = effective_solver(EvalSettings(), schedule)
+  assert math.isclose(tn.rtol, 1e-5 / 256) and math.isclose(tn.atol, 1e-5 / 256)
+  u = effective_solver(EvalSettings(dequantization="u", gamma_u=default_gamma_u(65536)),
+                       schedule)
+  assert math.isclose(u.rtol, 1e-5 * math.exp((default_gamma_u(65536)
+                                                - default_gamma_min(256)) / 2))
