@@ -1,4 +1,6 @@
-"""Integer image data sets as uint8 arrays of shape (N, H, W, C), and step-indexed batches.
+"""Integer image data sets as arrays of shape (N, H, W, C), and step-indexed batches.
+
+Levels are stored as uint8 for V <= 256 and uint16 up to V = 65536 (``level_dtype``).
 
 Scaling to (-1, 1) and dequantization happen in JAX (``dequantization.py``); this module
 only loads, validates and orders integers.
@@ -17,13 +19,15 @@ Data sets (``config.data.dataset``):
 * ``imagenet32_new``: the anti-aliased ``Imagenet32_{train,val}.zip`` release (Flow
   Matching, i-DODE's 3.43 bits/dim), prepared by the tfds builder in ``imagenet32_new.py``
   from ``config.data.manual_dir``.
-* ``image_folder``: 8-bit PNG/JPEG files of one size under ``config.data.folder``: either
+* ``image_folder``: 8-bit PNG/JPEG or 16-bit PNG files of one size (and one bit depth)
+  under ``config.data.folder``: either
   ``train/`` and ``test/`` subfolders, or one pool of which ``data.holdout_fraction`` is
   held out as test (chosen by a hash of each file's path, see ``is_held_out``). Files may
-  sit in nested subfolders and are read in sorted order. Bit depth V =
-  ``data.num_levels``: with V = 256 the pixel values are the levels; with V < 256 the
-  files must hold levels 0..V-1 directly (e.g. 5-bit data saved as values 0..31), or, with
-  ``data.reduce_bits``, 8-bit values p become floor(p V / 256) (Glow-style bit reduction).
+  sit in nested subfolders and are read in sorted order. Levels V = ``data.num_levels``,
+  for files of b bits (8 or 16): with V = 2^b the pixel values are the levels; with
+  V < 2^b the files must hold levels 0..V-1 directly (e.g. 5-bit data saved as values
+  0..31, 12-bit data in 16-bit PNGs), or, with ``data.reduce_bits``, values p become
+  floor(p V / 2^b) (Glow-style bit reduction).
   Grey images give 1 channel, RGB 3; palette images are expanded to RGB.
 
 Every split is checked against the config (image size, channels, values below V) and
@@ -32,7 +36,7 @@ names and sizes) that reports repeat.
 
 Batches are a pure function of (seed, step): the data order is a fresh permutation per
 epoch, so a resumed run reads exactly the batches an uninterrupted run would, whatever the
-number of hosts. Each host holds the uint8 array of the split (ImageNet-32 train: 3.9 GB)
+number of hosts. Each host holds the array of the split (ImageNet-32 train: 3.9 GB)
 and takes only its own contiguous slice of every global batch (``host_batch``).
 """
 
@@ -63,7 +67,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageData:
-  """uint8 images (N, H, W, C) of one split, with the name and version they came from."""
+  """Integer images (N, H, W, C) of one split (``level_dtype``), with their name and version."""
 
   images: np.ndarray
   name: str
@@ -163,9 +167,36 @@ def is_held_out(relative_path: str, fraction: float) -> bool:
   return zlib.crc32(relative_path.encode("utf-8")) < fraction * 2**32
 
 
+def _png_bit_depth(path: str) -> int:
+  """The bit depth in a PNG file's IHDR chunk (0 if the file is not a readable PNG)."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(26)
+  except OSError:
+    return 0  # the reader below reports it
+  if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+    return 0
+  return head[24]
+
+
+def _read_png16(path: str) -> np.ndarray:
+  """A 16-bit PNG as (H, W, C) uint16 (Pillow would read 16-bit RGB as 8-bit, silently)."""
+  import tensorflow as tf
+
+  with open(path, "rb") as f:
+    contents = f.read()
+  try:
+    return tf.io.decode_png(contents, dtype=tf.uint16).numpy()
+  except tf.errors.OpError as e:
+    raise DataError(f"cannot read image {path!r}: {e.message}") from None
+
+
 def _read_image(path: str) -> np.ndarray:
+  """One image file as (H, W, C) uint8, or uint16 for a 16-bit PNG."""
   from PIL import Image
 
+  if _png_bit_depth(path) == 16:
+    return _read_png16(path)
   try:
     with Image.open(path) as img:
       if img.mode == "P":
@@ -176,8 +207,8 @@ def _read_image(path: str) -> np.ndarray:
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise DataError(f"cannot read image {path!r}: {e}") from None
   if arr.dtype != np.uint8:
-    raise DataError(f"image {path!r} has {arr.dtype} pixels; only 8-bit PNG/JPEG files are "
-                    "supported")
+    raise DataError(f"image {path!r} has {arr.dtype} pixels; only 8-bit PNG/JPEG and 16-bit "
+                    "PNG files are supported")
   return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -204,7 +235,7 @@ def _image_folder(config_data, split: str) -> tuple[np.ndarray, str]:
     raise DataError(f"image folder {folder!r} holds no PNG or JPEG images for split {split!r}")
 
   want = (config_data.image_size, config_data.image_size, config_data.channels)
-  images = np.empty((len(files),) + want, np.uint8)
+  images = None
   fingerprint = hashlib.sha1()
   for i, rel in enumerate(files):
     path = os.path.join(folder, rel)
@@ -212,23 +243,45 @@ def _image_folder(config_data, split: str) -> tuple[np.ndarray, str]:
     if arr.shape != want:
       raise DataError(f"image {path!r} has shape {arr.shape}, the config expects {want} "
                       "(data.image_size, data.channels)")
+    if images is None:
+      images = np.empty((len(files),) + want, arr.dtype)
+    elif arr.dtype != images.dtype:
+      raise DataError(f"image folder {folder!r} mixes bit depths: {path!r} has "
+                      f"{8 * arr.dtype.itemsize}-bit pixels, {files[0]!r} "
+                      f"{8 * images.dtype.itemsize}-bit")
     images[i] = arr
     fingerprint.update(f"{rel}\0{os.path.getsize(path)}\0".encode())
+  bits = 8 * images.dtype.itemsize
+  full = 2**bits
   v = config_data.num_levels
-  if v > 256:
-    raise DataError(f"image folder {folder!r} holds 8-bit images, data.num_levels={v} > 256")
-  if v < 256:
+  if v > full:
+    raise DataError(f"image folder {folder!r} holds {bits}-bit images, data.num_levels={v} > "
+                    f"{full}")
+  if v < full:
     if config_data.reduce_bits:
-      images = (images.astype(np.uint16) * v // 256).astype(np.uint8)
+      images = images.astype(np.uint64) * v // full
     elif int(images.max()) >= v:
       raise DataError(
           f"image folder {folder!r}: pixel value {int(images.max())} does not fit "
           f"data.num_levels={v}; the files must hold levels 0..{v - 1}, or set "
-          f"--config.data.reduce_bits=True to map 8-bit values p to floor(p * {v} / 256)")
+          f"--config.data.reduce_bits=True to map {bits}-bit values p to "
+          f"floor(p * {v} / {full})")
+  images = images.astype(level_dtype(v))
   version = f"folder:{len(files)}files:sha1-{fingerprint.hexdigest()[:12]}"
-  if v < 256 and config_data.reduce_bits:
+  if bits != 8:
+    version += f":{bits}bit"
+  if v < full and config_data.reduce_bits:
     version += f":reduced-to-{v}"
   return images, version
+
+
+def level_dtype(num_levels: int):
+  """The smallest unsigned integer type that holds levels 0..V-1 (uint8 up to V = 256)."""
+  if num_levels <= 256:
+    return np.uint8
+  if num_levels <= 65536:
+    return np.uint16
+  return np.uint32
 
 
 def check_data_config(config_data) -> None:
@@ -298,7 +351,7 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 def host_batch(data: ImageData, batch_size: int, step: int, seed: int,
                process_index: int = 0, process_count: int = 1) -> np.ndarray:
-  """This host's slice of the global batch of ``step`` (uint8)."""
+  """This host's slice of the global batch of ``step``."""
   idx = batch_indices(len(data), batch_size, step, seed)
   per_host = batch_size // process_count
   return data.images[idx[process_index * per_host:(process_index + 1) * per_host]]

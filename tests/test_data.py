@@ -148,6 +148,16 @@ def _png(path, array):
   Image.fromarray(array).save(path)
 
 
+def _png16(path, array):
+  """A 16-bit PNG (grey or RGB): Pillow cannot write 16-bit RGB, TensorFlow can."""
+  import tensorflow as tf
+
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  array = array[..., None] if array.ndim == 2 else array
+  with open(path, "wb") as f:
+    f.write(tf.io.encode_png(tf.constant(array, tf.uint16)).numpy())
+
+
 def _images(n, shape=(8, 8, 3), high=256, seed=0):
   return np.random.default_rng(seed).integers(0, high, (n,) + shape, dtype=np.uint8)
 
@@ -205,13 +215,50 @@ def test_image_folder_bit_depth(tmp_path):
   np.testing.assert_array_equal(direct.images, reduced.images)
 
 
+def test_image_folder_sixteen_bit(tmp_path):
+  rng = np.random.default_rng(3)
+  rgb = rng.integers(0, 65536, (3, 8, 8, 3), dtype=np.uint16)
+  for i, image in enumerate(rgb):
+    _png16(tmp_path / "rgb" / "train" / f"{i}.png", image)
+  loaded = data.load_split(_folder_config(tmp_path / "rgb", num_levels=65536), "train")
+  assert loaded.images.dtype == np.uint16 and loaded.version.endswith(":16bit")
+  np.testing.assert_array_equal(loaded.images, rgb)  # every bit kept
+  with pytest.raises(DataError, match="holds 16-bit images, data.num_levels=70000 > 65536"):
+    data.load_split(_folder_config(tmp_path / "rgb", num_levels=70000), "train")
+  # Glow-style reduction: to 12 bits (uint16) and to 8 bits (uint8)
+  to12 = data.load_split(_folder_config(tmp_path / "rgb", num_levels=4096, reduce_bits=True),
+                         "train")
+  assert to12.images.dtype == np.uint16
+  np.testing.assert_array_equal(to12.images, rgb >> 4)
+  to8 = data.load_split(_folder_config(tmp_path / "rgb", num_levels=256, reduce_bits=True),
+                        "train")
+  assert to8.images.dtype == np.uint8
+  np.testing.assert_array_equal(to8.images, rgb >> 8)
+  # 12-bit grey data stored directly in 16-bit PNGs (Pillow writes those too)
+  from PIL import Image
+
+  grey = rng.integers(0, 4096, (2, 8, 8), dtype=np.uint16)
+  os.makedirs(tmp_path / "grey" / "train")
+  for i, image in enumerate(grey):
+    Image.fromarray(image).save(tmp_path / "grey" / "train" / f"{i}.png")
+  direct = data.load_split(_folder_config(tmp_path / "grey", channels=1, num_levels=4096),
+                           "train")
+  np.testing.assert_array_equal(direct.images[..., 0], grey)
+  with pytest.raises(DataError, match="holds 8-bit images, data.num_levels=1024 > 256"):
+    _png(tmp_path / "eight" / "train" / "a.png", _images(1)[0])
+    data.load_split(_folder_config(tmp_path / "eight", num_levels=1024), "train")
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
     ("empty", "holds no PNG or JPEG images"),
     ("unreadable", "cannot read image"),
     ("wrong_size", r"has shape \(16, 16, 3\), the config expects \(8, 8, 3\)"),
     ("wrong_channels", r"has shape \(8, 8\, 1\), the config expects \(8, 8, 3\)"),
-    ("sixteen_bit", "only 8-bit"),
+    ("sixteen_bit_above_v", r"pixel value 1000 does not fit data.num_levels=256.*16-bit "
+                            r"values p to floor\(p \* 256 / 65536\)"),
+    ("mixed_depths", "mixes bit depths"),
+    ("corrupt_sixteen_bit", "cannot read image"),
     ("no_test", "no test/ subfolder"),
 ])
 def test_image_folder_bad_input(tmp_path, case, message):
@@ -230,8 +277,15 @@ def test_image_folder_bad_input(tmp_path, case, message):
     _png(root / "train" / "big.png", _images(1, shape=(16, 16, 3))[0])
   elif case == "wrong_channels":
     _png(root / "train" / "gray.png", _images(1, shape=(8, 8))[0])
-  elif case == "sixteen_bit":
-    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(root / "train" / "deep.png")
+  elif case == "sixteen_bit_above_v":
+    _png16(root / "train" / "deep.png", np.full((8, 8, 3), 1000, np.uint16))
+  elif case == "mixed_depths":
+    _png(root / "train" / "a.png", _images(1)[0])
+    _png16(root / "train" / "b.png", np.full((8, 8, 3), 1000, np.uint16))
+  elif case == "corrupt_sixteen_bit":
+    _png16(root / "train" / "deep.png", np.full((8, 8, 3), 1000, np.uint16))
+    intact = (root / "train" / "deep.png").read_bytes()
+    (root / "train" / "deep.png").write_bytes(intact[:40])
   elif case == "no_test":
     _png(root / "train" / "ok.png", _images(1)[0])
     split = "test"
