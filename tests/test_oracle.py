@@ -230,7 +230,8 @@ def test_oracle_api_checks_images(digits_sets):
 
 def test_solver_tolerances_scale_with_the_start_noise():
   """Only starts finer than the 8-bit default are tightened, in proportion to the noise."""
-  from diffode_jax.likelihood import EvalSettings, effective_solver, tolerance_scale
+  from diffode_jax.likelihood import EvalSettings, effective_solver
+  from diffode_jax.ode import tolerance_scale
   from diffode_jax.schedules import default_gamma_min, default_gamma_u
 
   for levels in (2, 17, 256):
