@@ -14,7 +14,8 @@ def get_config():
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = "cifar10"  # digits | photo_patches | cifar10 | imagenet32_old | imagenet32_new | image_folder
-  data.image_size = 32  # height = width of the images
+  data.image_size = 32  # height of the images (and width, unless image_width is set)
+  data.image_width = ml_collections.config_dict.placeholder(int)  # None: square images
   data.channels = 3  # channels per pixel
   data.num_levels = 256  # V: integer levels per channel (256 for 8-bit images)
   data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: tfds default)

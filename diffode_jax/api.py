@@ -109,7 +109,7 @@ class Model:
     """n integer images (uint8 for V <= 256) drawn with config.sample's settings."""
     batch_size = batch_size or self.config.sample.batch_size
     d = self.config.data
-    shape = (batch_size, d.image_size, d.image_size, d.channels)
+    shape = (batch_size,) + data_lib.image_shape(d)
     cache_key = ("sample", shape)
     if cache_key not in self._cache:
       c = self.components

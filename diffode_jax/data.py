@@ -234,7 +234,7 @@ def _image_folder(config_data, split: str) -> tuple[np.ndarray, str]:
   if not files:
     raise DataError(f"image folder {folder!r} holds no PNG or JPEG images for split {split!r}")
 
-  want = (config_data.image_size, config_data.image_size, config_data.channels)
+  want = image_shape(config_data)
   images = None
   fingerprint = hashlib.sha1()
   for i, rel in enumerate(files):
@@ -242,7 +242,7 @@ def _image_folder(config_data, split: str) -> tuple[np.ndarray, str]:
     arr = _read_image(path)
     if arr.shape != want:
       raise DataError(f"image {path!r} has shape {arr.shape}, the config expects {want} "
-                      "(data.image_size, data.channels)")
+                      f"({_shape_fields(config_data)})")
     if images is None:
       images = np.empty((len(files),) + want, arr.dtype)
     elif arr.dtype != images.dtype:
@@ -284,14 +284,33 @@ def level_dtype(num_levels: int):
   return np.uint32
 
 
+def image_shape(config_data) -> tuple[int, int, int]:
+  """(height, width, channels): data.image_size high, data.image_width (default: square)."""
+  width = config_data.get("image_width")  # absent from configs saved before it existed
+  size = config_data.image_size
+  return (size, size if width is None else width, config_data.channels)
+
+
+def _shape_fields(config_data) -> str:
+  return ("data.image_size, data.image_width, data.channels"
+          if config_data.get("image_width") is not None else "data.image_size, data.channels")
+
+
 def check_data_config(config_data) -> None:
   """Raises ValueError for a config.data value that cannot work (before any data loads)."""
   d = config_data
   if d.dataset not in DATASETS:
     raise ValueError(f"unknown data.dataset {d.dataset!r}; expected one of {DATASETS}")
-  for name in ("image_size", "channels"):
-    if isinstance(d[name], bool) or not isinstance(d[name], int) or d[name] < 1:
-      raise ValueError(f"data.{name} must be a positive integer, got {d[name]!r}")
+  for name in ("image_size", "channels", "image_width"):
+    value = d.get(name)
+    if name == "image_width" and value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+  height, width, _ = image_shape(d)
+  if d.get("augment") and height != width:
+    raise ValueError(f"data.augment uses quarter turns, which need square images; got "
+                     f"{height}x{width}")
   if not 0.0 <= d.holdout_fraction < 1.0:
     raise ValueError(f"data.holdout_fraction must be in [0, 1), got {d.holdout_fraction!r}")
 
@@ -317,10 +336,10 @@ def load_split(config_data, split: str) -> ImageData:
 
 def check_images(images: np.ndarray, config_data, what: str) -> None:
   """Raises DataError unless images are (N, size, size, channels) integers below V."""
-  want = (config_data.image_size, config_data.image_size, config_data.channels)
+  want = image_shape(config_data)
   if images.ndim != 4 or images.shape[1:] != want:
     raise DataError(f"{what}: images have shape {images.shape[1:]}, the config expects "
-                    f"{want} (data.image_size, data.channels)")
+                    f"{want} ({_shape_fields(config_data)})")
   if images.shape[0] == 0:
     raise DataError(f"{what}: no images")
   top = int(images.max())

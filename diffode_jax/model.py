@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from diffode_jax import augmentation, ode
-from diffode_jax.data import check_data_config
+from diffode_jax.data import check_data_config, image_shape
 from diffode_jax.likelihood import EvalSettings
 from diffode_jax.losses import LossConfig, make_loss_fn
 from diffode_jax.networks import make_network
@@ -99,7 +99,7 @@ class Components:
 def unet_net_fn(config):
   """(init_params, net_fn) for the U-Net of config.model."""
   network = make_network(config)
-  shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+  shape = (1,) + image_shape(config.data)
 
   conditioned = bool(config.data.augment)  # the augmentation index is an input
 
@@ -148,7 +148,7 @@ def build(config, net=None, train_images=None) -> Components:
                         train_dequantization=config.training.dequantization)
   loss_fn = make_loss_fn(net_fn, parameterization, make_time_sampler(config, schedule),
                          loss_cfg)
-  dim = config.data.image_size**2 * config.data.channels
+  dim = math.prod(image_shape(config.data))
   return Components(schedule, parameterization, init_params, net_fn, loss_fn, dim,
                     config.data.num_levels)
 

@@ -533,7 +533,7 @@ def sample(config, workdir: str) -> str:
   s = config.sample
   settings = sample_settings(config)
   d = config.data
-  shape = (s.batch_size, d.image_size, d.image_size, d.channels)
+  shape = (s.batch_size,) + data_lib.image_shape(d)
   sample_fn = make_sample_fn(components.drift, components.schedule, components.num_levels,
                              shape, settings)
   start = time.perf_counter()

@@ -163,7 +163,8 @@ def _images(n, shape=(8, 8, 3), high=256, seed=0):
 
 
 def _folder_config(root, **fields):
-  return _data_config(dataset="image_folder", folder=str(root), image_size=8, **fields)
+  return _data_config(**{"dataset": "image_folder", "folder": str(root), "image_size": 8,
+                          **fields})
 
 
 def test_image_folder_train_test_subfolders(tmp_path):
@@ -249,6 +250,21 @@ def test_image_folder_sixteen_bit(tmp_path):
     data.load_split(_folder_config(tmp_path / "eight", num_levels=1024), "train")
 
 
+def test_image_folder_non_square(tmp_path):
+  images = _images(3, shape=(6, 10, 3), seed=4)
+  for i, image in enumerate(images):
+    _png(tmp_path / "train" / f"{i}.png", image)
+  config_data = _folder_config(tmp_path, image_size=6, image_width=10)
+  assert data.image_shape(config_data) == (6, 10, 3)
+  np.testing.assert_array_equal(data.load_split(config_data, "train").images, images)
+  with pytest.raises(DataError, match=r"expects \(10, 6, 3\) \(data.image_size, "
+                                      r"data.image_width, data.channels\)"):
+    data.load_split(_folder_config(tmp_path, image_size=10, image_width=6), "train")
+  with pytest.raises(ValueError, match="quarter turns, which need square images; got 6x10"):
+    data.check_data_config(_folder_config(tmp_path, image_size=6, image_width=10,
+                                          augment=True))
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
     ("empty", "holds no PNG or JPEG images"),
@@ -262,8 +278,6 @@ def test_image_folder_sixteen_bit(tmp_path):
     ("no_test", "no test/ subfolder"),
 ])
 def test_image_folder_bad_input(tmp_path, case, message):
-  from PIL import Image
-
   root = tmp_path / "images"
   (root / "train").mkdir(parents=True)
   split = "train"
