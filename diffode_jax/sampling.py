@@ -109,10 +109,16 @@ def draw(sample_fn, params, key, num: int, batch_size: int):
 def image_grid(images, num_levels: int, min_size: int = 64, border: int = 1):
   """A uint8 picture (rows, cols, C) of integer images, levels scaled to 0..255.
 
+  Images with 1, 3 or 4 channels keep them (grey, RGB, RGBA); others are shown as grey
+  pictures of their channels side by side (C = 1).
+
   Images are placed on a near-square grid with a ``border``-pixel gap and each is
   enlarged by an integer factor (nearest neighbour) to at least ``min_size`` pixels.
   """
   images = np.asarray(images).astype(np.float64)
+  if images.shape[-1] not in (1, 3, 4):  # no PNG mode for them: channels side by side, grey
+    n, height, width, channels = images.shape
+    images = images.transpose(0, 1, 3, 2).reshape(n, height, channels * width, 1)
   n, height, width, channels = images.shape
   scale = max(1, math.ceil(min_size / max(height, width)))
   pixels = np.round(images * 255.0 / (num_levels - 1)).astype(np.uint8)

@@ -72,6 +72,22 @@ def test_image_grid_layout_and_scaling():
   assert grid[0].min() == 255  # border
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 5])
+def test_image_grid_saves_as_png_for_any_channel_count(channels, tmp_path):
+  from PIL import Image
+
+  images = np.arange(2 * 4 * 4 * channels).reshape(2, 4, 4, channels) % 7
+  grid = image_grid(images, num_levels=7, min_size=4, border=0)
+  side_by_side = channels not in (1, 3, 4)
+  assert grid.shape == (4, 8 * (channels if side_by_side else 1),
+                        1 if side_by_side else channels)
+  if side_by_side:  # image 0, channel c is the c-th 4-pixel-wide block of the first cell
+    for c in range(channels):
+      np.testing.assert_array_equal(grid[:, 4 * c:4 * c + 4, 0],
+                                    np.round(images[0, ..., c] * 255 / 6))
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp_path / "g.png")
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("decode", "nearest", "sample.decode"),
     ("solver", "scipy_rk45", "on device"),
