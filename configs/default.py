@@ -13,12 +13,16 @@ def get_config():
   config.seed = 0  # one seed for parameters, data order and every random draw
 
   config.data = data = ml_collections.ConfigDict()
-  data.dataset = "cifar10"  # digits | photo_patches | cifar10 | imagenet32_old | imagenet32_new | image_folder
+  data.dataset = "cifar10"  # digits | photo_patches | cifar10 | imagenet32_old | imagenet32_new | image_folder | tfds
   data.image_size = 32  # height of the images (and width, unless image_width is set)
   data.image_width = ml_collections.config_dict.placeholder(int)  # None: square images
   data.channels = 3  # channels per pixel
   data.num_levels = 256  # V: integer levels per channel (256 for 8-bit images)
   data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: tfds default)
+  data.tfds_name = ml_collections.config_dict.placeholder(str)  # dataset=tfds: e.g. mnist, svhn_cropped
+  data.tfds_train_split = "train"  # dataset=tfds: any tfds split string, e.g. train[:90%]
+  data.tfds_test_split = "test"  # dataset=tfds: the split eval_bpd reads
+  data.tfds_image_key = "image"  # dataset=tfds: the image feature
   data.folder = ml_collections.config_dict.placeholder(str)  # image_folder: train/ + test/, or a pool
   data.holdout_fraction = 0.0  # image_folder pool: fraction of the files held out as test
   data.reduce_bits = False  # image_folder, V < 2^b: b-bit p -> floor(p V / 2^b); False: files hold k < V

@@ -19,6 +19,10 @@ Data sets (``config.data.dataset``):
 * ``imagenet32_new``: the anti-aliased ``Imagenet32_{train,val}.zip`` release (Flow
   Matching, i-DODE's 3.43 bits/dim), prepared by the tfds builder in ``imagenet32_new.py``
   from ``config.data.manual_dir``.
+* ``tfds``: any other tfds image data set, ``data.tfds_name`` (e.g. ``mnist``,
+  ``fashion_mnist``, ``svhn_cropped``), splits ``data.tfds_train_split`` /
+  ``data.tfds_test_split`` (any tfds split string, e.g. ``train[:90%]``), images under the
+  feature ``data.tfds_image_key``.
 * ``image_folder``: 8-bit PNG/JPEG or 16-bit PNG files of one size (and one bit depth)
   under ``config.data.folder``: either
   ``train/`` and ``test/`` subfolders, or one pool of which ``data.holdout_fraction`` is
@@ -51,7 +55,7 @@ import zlib
 import numpy as np
 
 DATASETS = ("digits", "photo_patches", "cifar10", "imagenet32_old", "imagenet32_new",
-            "image_folder")
+            "image_folder", "tfds")
 _TFDS = {
     "cifar10": ("cifar10", {"train": "train", "test": "test"}),
     "imagenet32_old": ("downsampled_imagenet/32x32", {"train": "train", "test": "validation"}),
@@ -106,7 +110,14 @@ def _tfds(name: str, config_data, split: str) -> tuple[np.ndarray, str]:
   """All images of a tfds split as one uint8 array (N, H, W, C), and '<builder>:<version>'."""
   import tensorflow_datasets as tfds
 
-  builder_name, splits = _TFDS[name]
+  if name == "tfds":
+    if not config_data.get("tfds_name"):
+      raise DataError("data.dataset=tfds needs --config.data.tfds_name=<tfds name>, e.g. mnist")
+    builder_name = config_data.tfds_name
+    splits = {"train": config_data.tfds_train_split, "test": config_data.tfds_test_split}
+    image_key = config_data.tfds_image_key
+  else:
+    (builder_name, splits), image_key = _TFDS[name], "image"
   try:
     if name == "imagenet32_new":
       builder = _imagenet32_new_builder(config_data)
@@ -114,7 +125,10 @@ def _tfds(name: str, config_data, split: str) -> tuple[np.ndarray, str]:
       builder = tfds.builder(builder_name, data_dir=config_data.tfds_data_dir)
       builder.download_and_prepare()
     ds = builder.as_dataset(split=splits[split], shuffle_files=False)
-    chunks = [np.asarray(b["image"]) for b in tfds.as_numpy(ds.batch(1024))]
+    if image_key not in builder.info.features:
+      raise DataError(f"tfds data set {builder_name!r} has no feature {image_key!r} (set "
+                      f"data.tfds_image_key); it has {sorted(builder.info.features)}")
+    chunks = [np.asarray(b[image_key]) for b in tfds.as_numpy(ds.batch(1024))]
   except DataError:
     raise
   except Exception as e:  # tfds' many failure types (download, missing files, decoding)
@@ -123,7 +137,15 @@ def _tfds(name: str, config_data, split: str) -> tuple[np.ndarray, str]:
                     f"{type(e).__name__}: {first}") from None
   if not chunks:
     raise DataError(f"tfds data set {builder_name!r} split {splits[split]!r} is empty")
-  return np.concatenate(chunks).astype(np.uint8), f"{builder_name}:{builder.info.version}"
+  images = np.concatenate(chunks)
+  if images.ndim == 3:  # a feature without a channel axis
+    images = images[..., None]
+  if not np.issubdtype(images.dtype, np.integer) or images.min() < 0:
+    raise DataError(f"tfds data set {builder_name!r}: feature {image_key!r} holds "
+                    f"{images.dtype} values, not non-negative integers")
+  if int(images.max()) < config_data.num_levels:  # else check_images names the problem
+    images = images.astype(level_dtype(config_data.num_levels))
+  return images, f"{builder_name}:{builder.info.version}"
 
 
 def _imagenet32_new_builder(config_data):
@@ -300,7 +322,9 @@ def check_data_config(config_data) -> None:
   """Raises ValueError for a config.data value that cannot work (before any data loads)."""
   d = config_data
   if d.dataset not in DATASETS:
-    raise ValueError(f"unknown data.dataset {d.dataset!r}; expected one of {DATASETS}")
+    raise ValueError(f"unknown data.dataset {d.dataset!r}; expected one of {DATASETS} (any "
+                     f"tfds image data set: --config.data.dataset=tfds "
+                     f"--config.data.tfds_name={d.dataset})")
   for name in ("image_size", "channels", "image_width"):
     value = d.get(name)
     if name == "image_width" and value is None:
@@ -324,7 +348,7 @@ def load_split(config_data, split: str) -> ImageData:
     images, version = _digits(split), "sklearn-digits:split-rng0-1437"
   elif name == "photo_patches":
     images, version = _photo_patches(split), "sklearn-sample-images:8x8-left75"
-  elif name in _TFDS:
+  elif name in _TFDS or name == "tfds":
     images, version = _tfds(name, config_data, split)
   elif name == "image_folder":
     images, version = _image_folder(config_data, split)

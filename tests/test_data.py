@@ -138,6 +138,22 @@ def test_mock_cifar10_loads_and_wrong_size_is_a_data_error():
       data.load_split(_data_config(dataset="cifar10", image_size=28), "train")
 
 
+def test_any_tfds_image_data_set_by_name():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config_data = _data_config(dataset="tfds", tfds_name="mnist", image_size=28, channels=1)
+  with tfds.testing.mock_data(num_examples=6):
+    loaded = data.load_split(config_data, "test")
+    assert loaded.images.shape == (6, 28, 28, 1) and loaded.images.dtype == np.uint8
+    assert loaded.version.startswith("mnist:") and loaded.name == "tfds"
+    with pytest.raises(DataError, match=r"no feature 'picture'.*\['image', 'label'\]"):
+      data.load_split(_data_config(dataset="tfds", tfds_name="mnist", image_size=28,
+                                   channels=1, tfds_image_key="picture"), "train")
+  with pytest.raises(DataError, match="needs --config.data.tfds_name"):
+    data.load_split(_data_config(dataset="tfds"), "train")
+  with pytest.raises(ValueError, match="--config.data.dataset=tfds --config.data.tfds_name=mnist"):
+    data.check_data_config(_data_config(dataset="mnist"))
+
+
 # ----------------------------------------------------------------------------- folders
 
 
