@@ -42,8 +42,8 @@ def get_config():
   model.dropout = 0.1  # dropout rate inside the ResNet blocks
   model.num_groups = 32  # GroupNorm groups (gcd with the channel count is used)
   model.fourier_features = True  # append Fourier features of the input
-  model.fourier_min = 6  # lowest frequency exponent: 2^n * 2 pi
-  model.fourier_max = 7  # highest frequency exponent
+  model.fourier_min = ml_collections.config_dict.placeholder(int)  # lowest exponent n of 2^n * 2 pi; None: fourier_max - 1
+  model.fourier_max = ml_collections.config_dict.placeholder(int)  # highest; None: ceil(log2 V) - 1, the coarsest whose period fits in a bin (7 for 8-bit)
   model.base_measure_skip = True  # output += input (VDM); parity with the official code
   model.second_order = False  # add the second-order flow-matching loss (fine-tuning)
   model.second_order_weight = 0.1  # lambda of the second-order loss

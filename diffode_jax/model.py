@@ -44,6 +44,14 @@ def finalize_config(config):
       config.model.gamma_min = default_gamma_min(v)
     if config.eval.gamma_u is None:
       config.eval.gamma_u = default_gamma_u(v)
+    m = config.model
+    if m.get("fourier_max") is None:  # the finest frequency that resolves bins 2/V apart
+      m.fourier_max = math.ceil(math.log2(v)) - 1
+    if m.get("fourier_min") is None:
+      m.fourier_min = m.fourier_max - 1
+  if config.model.fourier_min > config.model.fourier_max:
+    raise ConfigError(f"model.fourier_min ({config.model.fourier_min}) must not exceed "
+                      f"model.fourier_max ({config.model.fourier_max})")
   if config.model.arch not in ARCHS:
     raise ConfigError(f"unknown model.arch {config.model.arch!r}; expected one of {ARCHS}")
   try:

@@ -343,6 +343,24 @@ def test_finalize_config_rejects_bad_values(section, field, value, message):
     finalize_config(config)
 
 
+@pytest.mark.parametrize("levels, expected", [(2, (-1, 0)), (17, (3, 4)), (256, (6, 7)),
+                                              (4096, (10, 11)), (65536, (14, 15))])
+def test_fourier_frequencies_follow_the_bit_depth(levels, expected):
+  from configs import default
+
+  config = default.get_config()
+  config.data.num_levels = levels
+  final = finalize_config(config)
+  assert (final.model.fourier_min, final.model.fourier_max) == expected
+  # the finest frequency 2^max * 2 pi is the coarsest whose period 2^-max fits in a bin
+  assert 2.0**-expected[1] <= 2 / levels < 2.0**-(expected[1] - 1)
+  config.model.fourier_max = 9  # explicit values stay
+  assert finalize_config(config).model.fourier_min == 8
+  config.model.fourier_min = 10
+  with pytest.raises(ConfigError, match="fourier_min"):
+    finalize_config(config)
+
+
 # ----------------------------------------------------------------------------- batches
 
 
