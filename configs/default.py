@@ -25,7 +25,7 @@ def get_config():
   data.tfds_image_key = "image"  # dataset=tfds: the image feature
   data.folder = ml_collections.config_dict.placeholder(str)  # image_folder: train/ + test/, or a pool
   data.holdout_fraction = 0.0  # image_folder pool: fraction of the files held out as test
-  data.reduce_bits = False  # image_folder, V < 2^b: b-bit p -> floor(p V / 2^b); False: files hold k < V
+  data.reduce_bits = False  # folders and tfds, V < 2^b: b-bit p -> floor(p V / 2^b); False: data holds k < V
   data.manual_dir = ml_collections.config_dict.placeholder(str)  # imagenet32_new: dir of the 2 zips
   data.augment = False  # random flips / quarter turns; the network is told which (conditioning)
 

@@ -34,6 +34,9 @@ Data sets (``config.data.dataset``):
   floor(p V / 2^b) (Glow-style bit reduction).
   Grey images give 1 channel, RGB 3; palette images are expanded to RGB.
 
+The tfds data sets are 8-bit; with V = ``data.num_levels`` < 256 and ``data.reduce_bits``
+their values p become floor(p V / 256) as well (5-bit CIFAR-10: V = 32).
+
 Every split is checked against the config (image size, channels, values below V) and
 carries a version string (tfds builder and version, or a fingerprint of the folder's file
 names and sizes) that reports repeat.
@@ -140,12 +143,13 @@ def _tfds(name: str, config_data, split: str) -> tuple[np.ndarray, str]:
   images = np.concatenate(chunks)
   if images.ndim == 3:  # a feature without a channel axis
     images = images[..., None]
-  if not np.issubdtype(images.dtype, np.integer) or images.min() < 0:
+  if images.dtype not in (np.uint8, np.uint16):
     raise DataError(f"tfds data set {builder_name!r}: feature {image_key!r} holds "
-                    f"{images.dtype} values, not non-negative integers")
-  if int(images.max()) < config_data.num_levels:  # else check_images names the problem
-    images = images.astype(level_dtype(config_data.num_levels))
-  return images, f"{builder_name}:{builder.info.version}"
+                    f"{images.dtype} values, not 8- or 16-bit unsigned integers")
+  images, suffix = _as_levels(images, config_data,
+                             f"tfds data set {builder_name!r} split {splits[split]!r}",
+                             "the data set")
+  return images, f"{builder_name}:{builder.info.version}" + suffix
 
 
 def _imagenet32_new_builder(config_data):
@@ -273,28 +277,33 @@ def _image_folder(config_data, split: str) -> tuple[np.ndarray, str]:
                       f"{8 * images.dtype.itemsize}-bit")
     images[i] = arr
     fingerprint.update(f"{rel}\0{os.path.getsize(path)}\0".encode())
+  images, suffix = _as_levels(images, config_data, f"image folder {folder!r}", "the files")
+  version = f"folder:{len(files)}files:sha1-{fingerprint.hexdigest()[:12]}" + suffix
+  return images, version
+
+
+def _as_levels(images: np.ndarray, config_data, what: str, holder: str):
+  """b-bit unsigned images (b from the dtype) as levels 0..V-1, and a version suffix.
+
+  With V = 2^b the values are the levels; with V < 2^b they must already be below V, or
+  ``data.reduce_bits`` maps p to floor(p V / 2^b).
+  """
   bits = 8 * images.dtype.itemsize
   full = 2**bits
   v = config_data.num_levels
   if v > full:
-    raise DataError(f"image folder {folder!r} holds {bits}-bit images, data.num_levels={v} > "
-                    f"{full}")
+    raise DataError(f"{what} holds {bits}-bit images, data.num_levels={v} > {full}")
+  suffix = f":{bits}bit" if bits != 8 else ""
   if v < full:
     if config_data.reduce_bits:
       images = images.astype(np.uint64) * v // full
+      suffix += f":reduced-to-{v}"
     elif int(images.max()) >= v:
       raise DataError(
-          f"image folder {folder!r}: pixel value {int(images.max())} does not fit "
-          f"data.num_levels={v}; the files must hold levels 0..{v - 1}, or set "
-          f"--config.data.reduce_bits=True to map {bits}-bit values p to "
-          f"floor(p * {v} / {full})")
-  images = images.astype(level_dtype(v))
-  version = f"folder:{len(files)}files:sha1-{fingerprint.hexdigest()[:12]}"
-  if bits != 8:
-    version += f":{bits}bit"
-  if v < full and config_data.reduce_bits:
-    version += f":reduced-to-{v}"
-  return images, version
+          f"{what}: pixel value {int(images.max())} does not fit data.num_levels={v}; "
+          f"{holder} must hold levels 0..{v - 1}, or set --config.data.reduce_bits=True "
+          f"to map {bits}-bit values p to floor(p * {v} / {full})")
+  return images.astype(level_dtype(v)), suffix
 
 
 def level_dtype(num_levels: int):

@@ -148,6 +148,15 @@ def test_any_tfds_image_data_set_by_name():
     with pytest.raises(DataError, match=r"no feature 'picture'.*\['image', 'label'\]"):
       data.load_split(_data_config(dataset="tfds", tfds_name="mnist", image_size=28,
                                    channels=1, tfds_image_key="picture"), "train")
+    five_bit = data.load_split(_data_config(dataset="tfds", tfds_name="mnist", image_size=28,
+                                            channels=1, num_levels=32, reduce_bits=True),
+                               "test")
+    np.testing.assert_array_equal(five_bit.images, loaded.images >> 3)
+    assert five_bit.version == loaded.version + ":reduced-to-32"
+    assert loaded.images.max() >= 32  # mock pixels are uniform over 0..255
+    with pytest.raises(DataError, match="does not fit data.num_levels=32.*reduce_bits"):
+      data.load_split(_data_config(dataset="tfds", tfds_name="mnist", image_size=28,
+                                   channels=1, num_levels=32), "test")
   with pytest.raises(DataError, match="needs --config.data.tfds_name"):
     data.load_split(_data_config(dataset="tfds"), "train")
   with pytest.raises(ValueError, match="--config.data.dataset=tfds --config.data.tfds_name=mnist"):
