@@ -125,6 +125,7 @@ def load(workdir: str, step: int | None = None) -> Model:
   ``step`` None restores the latest checkpoint. Raises CheckpointError if the workdir has
   no config.json or no (matching) checkpoint, ConfigError if config.json lacks a field.
   """
+  run.check_local_workdir(workdir)
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise CheckpointError(f"no config.json in {workdir!r}: not a training workdir")

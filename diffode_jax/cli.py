@@ -21,6 +21,7 @@ def dispatch(config, workdir: str, mode: str) -> int:
   from diffode_jax import run
 
   try:
+    run.check_local_workdir(workdir)
     if mode == "train":
       row = run.train(config, workdir)
       if row:

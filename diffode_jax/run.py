@@ -65,11 +65,21 @@ def global_batch(local: np.ndarray, mesh: Mesh):
   return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
 
 
+def check_local_workdir(workdir: str) -> None:
+  """Raises TrainingError for a URL workdir (gs://...): files here go through the local
+  file system, which would silently write a local folder named 'gs:' instead."""
+  if "://" in workdir:
+    raise TrainingError(
+        f"workdir {workdir!r}: URL workdirs are not supported yet; use a local path (on a "
+        "Cloud TPU VM, a bucket mounted with gcsfuse is one)")
+
+
 def check_workdir_writable(workdir: str) -> None:
   """Raises TrainingError unless workdir is (or can be created as) a writable directory.
 
   Changes nothing on disk; ``ensure_workdir`` then creates it and really writes.
   """
+  check_local_workdir(workdir)
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise TrainingError(f"workdir {workdir!r} is not a directory")
