@@ -45,7 +45,7 @@ def finalize_config(config):
     if config.eval.gamma_u is None:
       config.eval.gamma_u = default_gamma_u(v)
     m = config.model
-    if m.get("fourier_max") is None:  # the finest frequency that resolves bins 2/V apart
+    if m.get("fourier_max") is None:  # the coarsest frequency whose period fits in a bin
       m.fourier_max = math.ceil(math.log2(v)) - 1
     if m.get("fourier_min") is None:
       m.fourier_min = m.fourier_max - 1
