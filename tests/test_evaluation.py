@@ -1,5 +1,6 @@
 """Evaluation, sampling and the Python API on one briefly trained tiny digits checkpoint."""
 
+import io
 import json
 import math
 import os
@@ -179,26 +180,35 @@ def test_load_reports_a_config_json_missing_a_field(tmp_path):
     dj.load(str(tmp_path))
 
 
-def test_sixteen_bit_image_folder_trains_evaluates_and_samples(tmp_path):
-  """V = 65536 end to end: uint16 batches, the windowed decoder, scaled tolerances."""
-  import tensorflow as tf
-
+def _train_and_evaluate_folder(tmp_path, make_image, **data_fields):
+  """A tiny run on an image folder (16 train, 4 test images from make_image(rng)):
+  (config, workdir, eval report) after 2 training steps."""
   rng = np.random.default_rng(0)
   for split, n in (("train", 16), ("test", 4)):
     (tmp_path / "images" / split).mkdir(parents=True)
-    for i in range(n):  # smooth 16-bit gradients with noise in the low bits
-      ramp = np.linspace(0, 60000, 8)[None, :, None] + rng.integers(0, 4000, (8, 8, 1))
-      png = tf.io.encode_png(tf.constant(ramp.astype(np.uint16)))
-      (tmp_path / "images" / split / f"{i}.png").write_bytes(png.numpy())
+    for i in range(n):
+      (tmp_path / "images" / split / f"{i}.png").write_bytes(make_image(rng))
   config = _tiny()
   config.data.dataset, config.data.folder = "image_folder", str(tmp_path / "images")
-  config.data.num_levels = 65536
+  for name, value in data_fields.items():
+    config.data[name] = value
   config.training.num_steps = config.training.checkpoint_every = 2
   config.eval.batch_size = config.eval.num_images = 4
   config.sample.num_samples = config.sample.batch_size = 2
   workdir = str(tmp_path / "run")
   run.train(config, workdir)
-  report = run.evaluate(config, workdir)
+  return config, workdir, run.evaluate(config, workdir)
+
+
+def test_sixteen_bit_image_folder_trains_evaluates_and_samples(tmp_path):
+  """V = 65536 end to end: uint16 batches, the windowed decoder, scaled tolerances."""
+  import tensorflow as tf
+
+  def ramp_png(rng):  # smooth 16-bit gradients with noise in the low bits
+    ramp = np.linspace(0, 60000, 8)[None, :, None] + rng.integers(0, 4000, (8, 8, 1))
+    return tf.io.encode_png(tf.constant(ramp.astype(np.uint16))).numpy()
+
+  config, workdir, report = _train_and_evaluate_folder(tmp_path, ramp_png, num_levels=65536)
   assert report["num_images"] == 4 and math.isfinite(report["bpd"])
   assert report["tolerance_scale"] == pytest.approx(1 / 256)
   # a lower bound on log P <= 0 gives bits/dim > 0; two training steps leave the network
@@ -212,22 +222,14 @@ def test_sixteen_bit_image_folder_trains_evaluates_and_samples(tmp_path):
 
 def test_non_square_images_train_evaluate_and_sample(tmp_path):
   """6x10 RGB images: the network has no fixed shape, and every path reads image_shape."""
-  rng = np.random.default_rng(1)
-  for split, n in (("train", 16), ("test", 4)):
-    (tmp_path / "images" / split).mkdir(parents=True)
-    for i in range(n):
-      Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)).save(
-          tmp_path / "images" / split / f"{i}.png")
-  config = _tiny()
-  d = config.data
-  d.dataset, d.folder = "image_folder", str(tmp_path / "images")
-  d.image_size, d.image_width, d.channels, d.num_levels = 6, 10, 3, 256
-  config.training.num_steps = config.training.checkpoint_every = 2
-  config.eval.batch_size = config.eval.num_images = 4
-  config.sample.num_samples = config.sample.batch_size = 2
-  workdir = str(tmp_path / "run")
-  run.train(config, workdir)
-  report = run.evaluate(config, workdir)
+
+  def random_png(rng):
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+  config, workdir, report = _train_and_evaluate_folder(
+      tmp_path, random_png, image_size=6, image_width=10, channels=3, num_levels=256)
   assert report["num_images"] == 4 and 0 < report["bpd"] < 40
   loaded = dj.load(workdir)
   assert loaded.components.dim == 6 * 10 * 3
