@@ -296,7 +296,8 @@ def _as_levels(images: np.ndarray, config_data, what: str, holder: str):
   suffix = f":{bits}bit" if bits != 8 else ""
   if v < full:
     if config_data.reduce_bits:
-      images = images.astype(np.uint64) * v // full
+      wide = np.uint16 if bits == 8 else np.uint32  # p * V < 2^(2b); not 8x the memory
+      images = images.astype(wide) * wide(v) // full
       suffix += f":reduced-to-{v}"
     elif int(images.max()) >= v:
       raise DataError(
