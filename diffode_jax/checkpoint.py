@@ -19,10 +19,9 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from diffode_jax.errors import CheckpointError  # noqa: F401  (re-exported)
 
 
-class CheckpointError(RuntimeError):
-  """Missing or incompatible checkpoint; shown to the user as one line."""
 
 
 def checkpoint_dir(workdir: str) -> str:

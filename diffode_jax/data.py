@@ -56,6 +56,7 @@ import os
 import zlib
 
 import numpy as np
+from diffode_jax.errors import DataError  # noqa: F401  (re-exported)
 
 DATASETS = ("digits", "photo_patches", "cifar10", "imagenet32_old", "imagenet32_new",
             "image_folder", "tfds")
@@ -68,8 +69,6 @@ DIGITS_TRAIN_SIZE = 1437
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class DataError(ValueError):
-  """Bad or missing data; the message is shown to the user as one line."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,10 +27,9 @@ from diffode_jax import ode
 from diffode_jax.dequantization import EVAL_DEQUANTIZATIONS, dequantize
 from diffode_jax.discretization import nats_to_bpd
 from diffode_jax.schedules import Schedule
+from diffode_jax.errors import LikelihoodError  # noqa: F401  (re-exported)
 
 
-class LikelihoodError(RuntimeError):
-  """The evaluation could not produce a valid number (solver failure, bad settings)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,12 +25,11 @@ from diffode_jax.sampling import sample_settings
 from diffode_jax.schedules import Schedule, default_gamma_min, default_gamma_u, make_schedule
 from diffode_jax.time_sampling import make_time_sampler
 from diffode_jax.train_state import check_training_config
+from diffode_jax.errors import ConfigError  # noqa: F401  (re-exported)
 
 ARCHS = ("unet", "oracle")
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work; shown to the user as one line."""
 
 
 def finalize_config(config):

@@ -43,10 +43,6 @@ SOLVERS = ("tsit5", "dopri5", "scipy_rk45")
 DriftFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
-class SolverError(RuntimeError):
-  """The ODE solver did not reach the end of the interval (e.g. max_steps exhausted)."""
-
-
 def _sum(a):
   return a.reshape(a.shape[0], -1).sum(axis=-1)
 

@@ -38,10 +38,9 @@ from diffode_jax.model import ConfigError, build, eval_settings, finalize_config
 from diffode_jax.sampling import draw, image_grid, make_sample_fn, sample_settings
 from diffode_jax.train_state import (create_train_state, learning_rate_schedule,
                                      make_optimizer, make_train_step)
+from diffode_jax.errors import TrainingError  # noqa: F401  (re-exported)
 
 
-class TrainingError(RuntimeError):
-  """Training cannot go on (NaN loss, bad setup); shown to the user as one line."""
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -25,12 +25,11 @@ from diffode_jax import ode
 from diffode_jax.decoder import decode_argmax, decode_sample
 from diffode_jax.discretization import to_levels
 from diffode_jax.schedules import Schedule
+from diffode_jax.errors import SamplingError  # noqa: F401  (re-exported)
 
 DECODES = ("argmax", "sample", "round")
 
 
-class SamplingError(RuntimeError):
-  """The sampling ODE could not be solved (max_steps exhausted, non-finite state)."""
 
 
 @dataclasses.dataclass(frozen=True)
