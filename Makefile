@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) main.py --config=configs/digits.py --workdir=$(WORKDIR) --mode=eval_bpd
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -18,8 +18,9 @@ setup(
         "diffrax>=0.7",
         "tensorflow-cpu>=2.18",
         "tensorflow-datasets>=4.9.7",
-        # tfds 4.9 imports it to prepare a builder defined outside tfds (imagenet32_new)
-        # even on Python >= 3.9, where its own metadata does not require it.
+        # tfds 4.9 imports it to prepare a builder defined outside tfds
+        # (diffode_jax/data/imagenet32_new.py) even on Python >= 3.9, where its own
+        # metadata does not require it.
         "importlib_resources>=6",
         "tensorboard>=2.18",
         "ml-collections>=1.0",

@@ -23,24 +23,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def tiny_config():
-  """configs/digits.py shrunk to a few thousand parameters."""
-  from configs import digits
+  """configs/digits.py shrunk to a few thousand parameters (tiny.TINY + tiny.FIXTURE)."""
+  import tiny
 
-  config = digits.get_config()
-  m = config.model
-  m.channels = 8
-  m.num_blocks = 1
-  m.embed_dim = 16
-  m.num_groups = 4
-  m.dropout = 0.0
-  t = config.training
-  t.batch_size = 16
-  t.num_steps = 3
-  t.log_every = 1
-  t.checkpoint_every = 2
-  t.warmup_steps = 1
-  config.eval.batch_size = 16
-  config.eval.num_images = 16
-  config.eval.rtol = 1e-3
-  config.eval.atol = 1e-3
-  return config
+  return tiny.config(tiny.FIXTURE)

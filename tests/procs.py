@@ -10,36 +10,26 @@ import sys
 
 import numpy as np
 
+import tiny
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "main.py")
 
-# configs/digits.py shrunk to a few thousand parameters, no dropout, no attention.
-TINY = {
-    "model.channels": 8, "model.num_blocks": 1, "model.embed_dim": 16,
-    "model.num_groups": 4, "model.dropout": 0.0, "model.attention": False,
-    "training.batch_size": 16, "training.warmup_steps": 1, "training.log_every": 1,
+# What main.py subprocesses add to tiny.TINY: no attention, no TensorBoard.
+SUBPROCESS = {
+    "model.attention": False,
     "training.tensorboard": False,  # spares each subprocess the TensorFlow import
 }
 
 
 def overrides(**fields) -> list[str]:
-  """--config.<a.b>=value flags: TINY updated by fields (a__b=value means a.b=value)."""
-  merged = dict(TINY)
-  merged.update({k.replace("__", "."): v for k, v in fields.items()})
-  return [f"--config.{k}={v}" for k, v in merged.items()]
+  """--config.<a.b>=value flags: tiny.TINY + SUBPROCESS updated by fields (a__b=value)."""
+  return tiny.flags(SUBPROCESS, **fields)
 
 
 def config(**fields):
-  """The in-process ConfigDict of ``overrides(**fields)`` (digits + TINY)."""
-  from configs import digits
-
-  c = digits.get_config()
-  merged = dict(TINY)
-  merged.update({k.replace("__", "."): v for k, v in fields.items()})
-  for path, value in merged.items():
-    section, name = path.split(".")
-    c[section][name] = value
-  return c
+  """The in-process ConfigDict of ``overrides(**fields)`` (digits + TINY + SUBPROCESS)."""
+  return tiny.config(SUBPROCESS, **fields)
 
 
 def env(devices: int = 1) -> dict:

@@ -7,7 +7,11 @@ writes metrics.jsonl and config.json; both take part in the orbax save.
 
 import os
 
+import pytest
+
 import procs
+
+pytestmark = pytest.mark.subprocess
 
 
 def test_two_processes_match_one_process_with_four_devices(tmp_path):

@@ -1,0 +1,76 @@
+"""What a split is and what the config asks of it: ``ImageData``, the data-set names
+``DATASETS``, the image shape of a config (``image_shape``), and the checks of a config
+(``check_data_config``, before any data loads) and of loaded images (``check_images``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from diffode_jax.errors import DataError
+
+DATASETS = ("digits", "photo_patches", "cifar10", "imagenet32_old", "imagenet32_new",
+            "image_folder", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+  """Integer images (N, H, W, C) of one split (``level_dtype``), with their name and version."""
+
+  images: np.ndarray
+  name: str
+  split: str
+  version: str
+
+  def __len__(self):
+    return self.images.shape[0]
+
+
+def image_shape(config_data) -> tuple[int, int, int]:
+  """(height, width, channels): data.image_size high, data.image_width (default: square)."""
+  width = config_data.get("image_width")  # absent from configs saved before it existed
+  size = config_data.image_size
+  return (size, size if width is None else width, config_data.channels)
+
+
+def shape_fields(config_data) -> str:
+  """The config fields that make up ``image_shape``, for error messages."""
+  return ("data.image_size, data.image_width, data.channels"
+          if config_data.get("image_width") is not None else "data.image_size, data.channels")
+
+
+def check_data_config(config_data) -> None:
+  """Raises ValueError for a config.data value that cannot work (before any data loads)."""
+  d = config_data
+  if d.dataset not in DATASETS:
+    raise ValueError(f"unknown data.dataset {d.dataset!r}; expected one of {DATASETS} (any "
+                     f"tfds image data set: --config.data.dataset=tfds "
+                     f"--config.data.tfds_name={d.dataset})")
+  for name in ("image_size", "channels", "image_width"):
+    value = d.get(name)
+    if name == "image_width" and value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+  height, width, _ = image_shape(d)
+  if d.get("augment") and height != width:
+    raise ValueError(f"data.augment uses quarter turns, which need square images; got "
+                     f"{height}x{width}")
+  if not 0.0 <= d.holdout_fraction < 1.0:
+    raise ValueError(f"data.holdout_fraction must be in [0, 1), got {d.holdout_fraction!r}")
+
+
+def check_images(images: np.ndarray, config_data, what: str) -> None:
+  """Raises DataError unless images are (N, size, size, channels) integers below V."""
+  want = image_shape(config_data)
+  if images.ndim != 4 or images.shape[1:] != want:
+    raise DataError(f"{what}: images have shape {images.shape[1:]}, the config expects "
+                    f"{want} ({shape_fields(config_data)})")
+  if images.shape[0] == 0:
+    raise DataError(f"{what}: no images")
+  top = int(images.max())
+  if top >= config_data.num_levels:
+    raise DataError(f"{what}: pixel value {top} does not fit data.num_levels="
+                    f"{config_data.num_levels}")
