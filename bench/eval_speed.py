@@ -52,7 +52,8 @@ from configs import digits  # noqa: E402
 from diffode_jax import data, ode  # noqa: E402
 from diffode_jax.dequantization import dequantize  # noqa: E402
 from diffode_jax.likelihood import bits_per_dim, make_log_prob_fn  # noqa: E402
-from diffode_jax.model import build, count_params, eval_settings, finalize_config  # noqa: E402
+from diffode_jax.config import eval_settings, finalize_config  # noqa: E402
+from diffode_jax.model import build, count_params  # noqa: E402
 from diffode_jax.train_state import create_train_state, make_optimizer, make_train_step  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -150,7 +151,8 @@ def bench_size(name, sizes, args):
   # The same diffrax solve with a vjp estimator (the same noise and probe as
   # make_log_prob_fn draws). It is slow enough that only its first vjp_steps steps are
   # timed (max_steps caps the solve; the cost per evaluation is what is compared).
-  capped = ode.SolverConfig(rtol=args.tol, atol=args.tol, max_steps=args.vjp_steps)
+  capped = ode.SolverConfig(solver="tsit5", rtol=args.tol, atol=args.tol,
+                            max_steps=args.vjp_steps)
 
   @jax.jit
   def solve_vjp(params, k, key):

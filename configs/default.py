@@ -7,6 +7,9 @@ is written to the workdir's config.json and to every report).
 
 import ml_collections
 
+# The evaluation and sampling defaults are the library's (one definition).
+from diffode_jax import dequantization, ode, sampling
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -68,30 +71,30 @@ def get_config():
   training.tensorboard = True  # also write TensorBoard events (imports TensorFlow, ~5 s)
   training.checkpoint_every = 5000  # steps between checkpoints
   training.keep_checkpoints = 3  # checkpoints kept on disk
-  training.init_from = ""  # workdir or checkpoint dir to start a new run from ("" : none)
-  training.eval_every = 0  # steps between test bits/dim evaluations during training (0: off)
-  training.eval_images = 128  # test images used by those evaluations
+  training.init_from = ml_collections.config_dict.placeholder(str)  # workdir or checkpoint dir to start a new run from (None: none)
+  training.eval_every = 0  # steps between test bits/dim of the EMA params (eval.split, K = 1, eval's keys) in metrics.jsonl (0: off)
+  training.eval_images = 128  # first images of eval.split used by those evaluations
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.split = "test"  # which split eval_bpd evaluates
-  evaluation.dequantization = "tn"  # tn | v | u
+  evaluation.dequantization = dequantization.DEFAULT_EVAL_DEQUANTIZATION  # tn | v | u
   evaluation.num_importance = 1  # K samples of the importance-weighted bound
   evaluation.analytic_entropy = False  # tn with K = 1: use the entropy of q instead of -log q
-  evaluation.divergence = "rademacher"  # rademacher | gaussian | exact
-  evaluation.solver = "dopri5"  # dopri5 | tsit5 (diffrax, on device) | scipy_rk45 (host); dopri5: fewer NFE (bench/eval_speed.py)
-  evaluation.rtol = 1e-5  # relative tolerance of the adaptive solver
-  evaluation.atol = 1e-5  # absolute tolerance
-  evaluation.max_steps = 4096  # solver steps before it gives up (reported as an error)
+  evaluation.divergence = ode.DEFAULT_DIVERGENCE  # rademacher | gaussian | exact
+  evaluation.solver = ode.DEFAULT_SOLVER  # dopri5 | tsit5 (diffrax, on device) | scipy_rk45 (host); dopri5: fewer NFE (bench/eval_speed.py)
+  evaluation.rtol = ode.DEFAULT_RTOL  # relative tolerance of the adaptive solver (1e-5)
+  evaluation.atol = ode.DEFAULT_ATOL  # absolute tolerance (1e-5)
+  evaluation.max_steps = ode.DEFAULT_MAX_STEPS  # solver steps before it gives up (reported as an error)
   evaluation.batch_size = 128  # images per ODE solve
   evaluation.num_images = ml_collections.config_dict.placeholder(int)  # None: the whole split
-  evaluation.gamma_u = ml_collections.config_dict.placeholder(float)  # u start; None: -11.8 + 2 log(256/V)
+  evaluation.gamma_u = ml_collections.config_dict.placeholder(float)  # u start; None: schedules.default_gamma_u(V) = -11.8 + 2 log(256/V)
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_samples = 64  # images drawn by --mode=sample
   sample.batch_size = 64  # images per ODE solve
-  sample.decode = "argmax"  # argmax (decoder mode) | sample (decoder draw) | round (nearest bin)
-  sample.solver = "dopri5"  # dopri5 | tsit5 (diffrax, on device)
-  sample.rtol = 1e-5  # relative tolerance of the sampling ODE
-  sample.atol = 1e-5  # absolute tolerance
-  sample.max_steps = 4096  # solver steps before sampling gives up (reported as an error)
+  sample.decode = sampling.DEFAULT_DECODE  # argmax (decoder mode) | sample (decoder draw) | round (nearest bin)
+  sample.solver = ode.DEFAULT_SOLVER  # dopri5 | tsit5 (diffrax, on device)
+  sample.rtol = ode.DEFAULT_RTOL  # relative tolerance of the sampling ODE
+  sample.atol = ode.DEFAULT_ATOL  # absolute tolerance
+  sample.max_steps = ode.DEFAULT_MAX_STEPS  # solver steps before sampling gives up (reported as an error)
   return config

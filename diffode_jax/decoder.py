@@ -23,7 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffode_jax.discretization import bin_centre
+from diffode_jax.data import level_dtype
+from diffode_jax.discretization import bin_centre, sum_per_example
 from diffode_jax.schedules import Schedule
 
 WINDOW_SIGMAS = 14.0
@@ -73,23 +74,19 @@ def decoder_log_likelihood(k, z0, schedule: Schedule, num_levels: int):
   # The logit of k itself, from the formula: k may lie outside the window.
   logit_k = -0.5 * ((scaled - bin_centre(k, num_levels).astype(z0.dtype)) / width) ** 2
   picked = logit_k - jax.nn.logsumexp(logits, axis=-1)
-  return picked.reshape(k.shape[0], -1).sum(axis=-1)
-
-
-def _level_dtype(num_levels: int):
-  return jnp.uint8 if num_levels <= 256 else jnp.int32
+  return sum_per_example(picked)
 
 
 def decode_argmax(z0, schedule: Schedule, num_levels: int):
-  """The most likely integer image under the decoder (uint8 for V <= 256, else int32)."""
+  """The most likely integer image under the decoder, as ``data.level_dtype(V)``."""
   levels, logits = decoder_logits(z0, schedule, num_levels)
   best = jnp.take_along_axis(levels, jnp.argmax(logits, axis=-1)[..., None], axis=-1)
-  return best[..., 0].astype(_level_dtype(num_levels))
+  return best[..., 0].astype(level_dtype(num_levels))
 
 
 def decode_sample(key, z0, schedule: Schedule, num_levels: int):
-  """Integer images drawn from the decoder (uint8 for V <= 256, else int32)."""
+  """Integer images drawn from the decoder, as ``data.level_dtype(V)``."""
   levels, logits = decoder_logits(z0, schedule, num_levels)
   pick = jax.random.categorical(key, logits, axis=-1)
   best = jnp.take_along_axis(levels, pick[..., None], axis=-1)
-  return best[..., 0].astype(_level_dtype(num_levels))
+  return best[..., 0].astype(level_dtype(num_levels))

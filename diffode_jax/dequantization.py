@@ -29,10 +29,11 @@ import jax.numpy as jnp
 from jax.scipy.special import erf
 
 from diffode_jax.decoder import decoder_log_likelihood
-from diffode_jax.discretization import bin_centre
+from diffode_jax.discretization import bin_centre, sum_per_example
 from diffode_jax.schedules import Schedule
 
 EVAL_DEQUANTIZATIONS = ("u", "v", "tn")
+DEFAULT_EVAL_DEQUANTIZATION = "tn"  # the library's and configs/default.py's eval default
 TRAIN_DEQUANTIZATIONS = ("none", "uniform", "tn")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -45,8 +46,8 @@ def uniform_in_bin(key, k, num_levels: int):
 
 def truncation(schedule: Schedule, num_levels: int):
   """(alpha_0, sigma_0, tau) at gamma_min; tau = alpha_0 / (sigma_0 V)."""
-  g0 = jnp.asarray(schedule.gamma_min, jnp.float32)
-  alpha0, sigma0 = schedule.alpha(g0), schedule.sigma(g0)
+  c = schedule.coefficients(jnp.asarray(schedule.gamma_min, jnp.float32))
+  alpha0, sigma0 = c.alpha, c.sigma
   return alpha0, sigma0, alpha0 / (sigma0 * num_levels)
 
 
@@ -59,10 +60,6 @@ def truncated_normal_second_moment(tau):
   """E[eps^2] for eps ~ TN(0, 1; [-tau, tau]): 1 - 2 tau phi(tau) / erf(tau / sqrt 2)."""
   phi = jnp.exp(-0.5 * tau**2 - _HALF_LOG_2PI)
   return 1.0 - 2.0 * tau * phi / erf(tau / math.sqrt(2.0))
-
-
-def _sum_per_example(a):
-  return a.reshape(a.shape[0], -1).sum(axis=-1)
 
 
 @flax.struct.dataclass
@@ -98,12 +95,12 @@ def dequantize(kind: str, key, k, schedule: Schedule, num_levels: int, gamma_u: 
     if analytic_entropy:
       neg_log_q = jnp.full((k.shape[0],), 0.5 * dim * truncated_normal_second_moment(tau))
     else:
-      neg_log_q = 0.5 * _sum_per_example(eps**2)
+      neg_log_q = 0.5 * sum_per_example(eps**2)
     return Dequantized(alpha0 * x + sigma0 * eps, neg_log_q + log_norm, schedule.gamma_min)
   if kind == "v":
     eps = jax.random.normal(key, k.shape, jnp.float32)
     z0 = alpha0 * x + sigma0 * eps
-    neg_log_q = 0.5 * _sum_per_example(eps**2) + dim * (jnp.log(sigma0) + _HALF_LOG_2PI)
+    neg_log_q = 0.5 * sum_per_example(eps**2) + dim * (jnp.log(sigma0) + _HALF_LOG_2PI)
     log_dec = decoder_log_likelihood(k, z0, schedule, num_levels)
     return Dequantized(z0, log_dec + neg_log_q, schedule.gamma_min)
   raise ValueError(

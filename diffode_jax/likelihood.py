@@ -24,27 +24,42 @@ import numpy as np
 from absl import logging
 
 from diffode_jax import ode
-from diffode_jax.dequantization import EVAL_DEQUANTIZATIONS, dequantize
+from diffode_jax.dequantization import (DEFAULT_EVAL_DEQUANTIZATION, EVAL_DEQUANTIZATIONS,
+                                        dequantize)
 from diffode_jax.discretization import nats_to_bpd
 from diffode_jax.schedules import Schedule
 from diffode_jax.errors import LikelihoodError  # noqa: F401  (re-exported)
 
-
+# Batch b of ``evaluate_batches`` draws with bkey = fold_in(key, b); its K dequantization
+# samples use fold_in(bkey, i), i = 0..K-1, and its sde_bpd term uses fold_in(bkey,
+# SDE_KEY_INDEX), an index no K reaches, so the two draws never share a key. Its value is
+# part of every reported sde_bpd: keep it.
+SDE_KEY_INDEX = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-  dequantization: str = "tn"
+  """How ``make_log_prob_fn`` bounds log P(k); the defaults are configs/default.py's.
+
+  ``gamma_u`` (the start of the ODE for dequantization ``u``) depends on the bit depth,
+  ``schedules.default_gamma_u(V)``; it has no default here and is required (not None)
+  with ``dequantization='u'`` only (the config derives it when a run starts).
+  """
+
+  dequantization: str = DEFAULT_EVAL_DEQUANTIZATION
   num_importance: int = 1
   analytic_entropy: bool = False
-  divergence: str = "rademacher"
+  divergence: str = ode.DEFAULT_DIVERGENCE
   solver: ode.SolverConfig = ode.SolverConfig()
-  gamma_u: float = -11.8
+  gamma_u: float | None = None
 
   def __post_init__(self):
     if self.dequantization not in EVAL_DEQUANTIZATIONS:
       raise ValueError(f"unknown dequantization {self.dequantization!r}; expected one of "
                        f"{EVAL_DEQUANTIZATIONS}")
+    if self.dequantization == "u" and self.gamma_u is None:
+      raise ValueError("dequantization='u' needs gamma_u (schedules.default_gamma_u(V) is "
+                       "the default of the config)")
     if self.num_importance < 1:
       raise ValueError(f"num_importance must be >= 1, got {self.num_importance}")
     if self.analytic_entropy and (self.dequantization != "tn" or self.num_importance != 1):
@@ -69,6 +84,8 @@ def prior_log_density(x1, schedule: Schedule):
   """log N(x_1; 0, sigma_max^2 I) per example, natural log."""
   sigma1 = schedule.sigma(jnp.asarray(schedule.gamma_max, x1.dtype))
   dim = math.prod(x1.shape[1:])
+  # Reshaped before squaring (not sum_per_example(x1**2)): XLA fuses the two orders into
+  # differently rounded reductions, and this one is the order of the reported numbers.
   sq = (x1.reshape(x1.shape[0], -1) ** 2).sum(-1)
   return -0.5 * sq / sigma1**2 - dim * (jnp.log(sigma1) + 0.5 * math.log(2 * math.pi))
 
@@ -213,8 +230,8 @@ def evaluate_batches(log_prob_fn, params, images, batch_size: int, key, settings
     rows = [{"index": lo + i, "log_prob": float(bound.log_prob[i]), "bpd": float(bpd[i]),
              "nfe": float(np.mean(bound.nfe))} for i in range(hi - lo)]
     if sde_fn is not None:
-      sde = bits_per_dim(-np.asarray(sde_fn(params, k, jax.random.fold_in(bkey, 1 << 20))),
-                         dim)
+      sde_key = jax.random.fold_in(bkey, SDE_KEY_INDEX)
+      sde = bits_per_dim(-np.asarray(sde_fn(params, k, sde_key)), dim)
       for row, value in zip(rows, sde):
         row["sde_bpd"] = float(value)
     yield rows

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from diffode_jax.decoder import decoder_log_likelihood
 from diffode_jax.dequantization import dequantize_for_training
-from diffode_jax.discretization import bin_centre, nats_to_bpd
+from diffode_jax.discretization import bin_centre, nats_to_bpd, sum_per_example
+from diffode_jax.ode import draw_probe, hutchinson_jvp
 from diffode_jax.parameterization import Parameterization
 from diffode_jax.schedules import Schedule
 from diffode_jax.time_sampling import TimeSampler
@@ -53,27 +54,19 @@ class LossTerms:
     return self.recon + self.prior + self.diffusion
 
 
-def _sum(a):
-  return a.reshape(a.shape[0], -1).sum(axis=-1)
-
-
 def prior_kl(x, schedule: Schedule):
   """KL(N(alpha_1 x, sigma_1^2 I) || N(0, I)) at gamma_max, per example (nats)."""
-  g1 = jnp.asarray(schedule.gamma_max, x.dtype)
-  alpha1, sigma1 = schedule.alpha(g1), schedule.sigma(g1)
+  c1 = schedule.coefficients(jnp.asarray(schedule.gamma_max, x.dtype))
+  alpha1, sigma1 = c1.alpha, c1.sigma
   var = sigma1**2
-  return 0.5 * _sum(var + (alpha1 * x) ** 2 - 1.0 - jnp.log(var))
+  return 0.5 * sum_per_example(var + (alpha1 * x) ** 2 - 1.0 - jnp.log(var))
 
 
 def reconstruction_loss(key, k, x, schedule: Schedule, num_levels: int):
   """-log p(k | z_0), z_0 = alpha_0 x + sigma_0 eps, one noise sample, per example."""
-  g0 = jnp.asarray(schedule.gamma_min, x.dtype)
-  z0 = schedule.alpha(g0) * x + schedule.sigma(g0) * jax.random.normal(key, x.shape)
+  c0 = schedule.coefficients(jnp.asarray(schedule.gamma_min, x.dtype))
+  z0 = c0.alpha * x + c0.sigma * jax.random.normal(key, x.shape)
   return -decoder_log_likelihood(k, z0, schedule, num_levels)
-
-
-def rademacher(key, shape, dtype=jnp.float32):
-  return jax.random.rademacher(key, shape, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,26 +91,25 @@ def make_loss_fn(net_fn: NetFn, parameterization: Parameterization,
   def loss_fn(params, k, key, train: bool = True, cond=None):
     dim = math.prod(k.shape[1:])
     batch = k.shape[0]
-    k_deq, k_time, k_eps, k_drop, k_probe, k_rec = jax.random.split(key, 6)
-    x = dequantize_for_training(cfg.train_dequantization, k_deq, k, schedule,
+    key_deq, key_time, key_eps, key_drop, key_probe, key_rec = jax.random.split(key, 6)
+    x = dequantize_for_training(cfg.train_dequantization, key_deq, k, schedule,
                                 cfg.num_levels)
-    gamma, inv_density = time_sampler.sample(k_time, batch)
-    eps = jax.random.normal(k_eps, x.shape, x.dtype)
+    gamma, inv_density = time_sampler.sample(key_time, batch)
+    eps = jax.random.normal(key_eps, x.shape, x.dtype)
     x_gamma = schedule.marginal(x, eps, gamma)
     target = parameterization.target(x, eps, gamma)
-    drop_key = k_drop if train else None
+    drop_key = key_drop if train else None
     net_kwargs = {} if cond is None else {"cond": cond}
     weight = 0.5 * inv_density * parameterization.eps_scale(gamma) ** 2
 
     if cfg.second_order:
-      probe = rademacher(k_probe, x.shape, x.dtype)
-      f, jvp = jax.jvp(lambda y: net_fn(params, y, gamma, drop_key, train, **net_kwargs),
-                       (x_gamma,), (probe,))
-      divergence = _sum(probe * jvp)
+      probe = draw_probe("rademacher", key_probe, x.shape, x.dtype)
+      f, divergence = hutchinson_jvp(
+          lambda y: net_fn(params, y, gamma, drop_key, train, **net_kwargs), x_gamma, probe)
     else:
       f = net_fn(params, x_gamma, gamma, drop_key, train, **net_kwargs)
 
-    sq_error = _sum((target - f) ** 2)
+    sq_error = sum_per_example((target - f) ** 2)
     diffusion = weight * sq_error
     if cfg.second_order:
       e = parameterization.second_order_residual(
@@ -131,7 +123,7 @@ def make_loss_fn(net_fn: NetFn, parameterization: Parameterization,
         diffusion=diffusion,
         second_order=second_order,
         prior=prior_kl(centres, schedule),
-        recon=reconstruction_loss(k_rec, k, centres, schedule, cfg.num_levels),
+        recon=reconstruction_loss(key_rec, k, centres, schedule, cfg.num_levels),
     )
     loss = nats_to_bpd(jnp.mean(diffusion + second_order), dim)
     return loss, terms

@@ -20,9 +20,9 @@ Divergence estimators:
 * ``exact``: the full trace from D Jacobian-vector products with the basis vectors, for
   small images and tests.
 
-Solvers: diffrax's adaptive ``tsit5`` / ``dopri5`` with a PID controller, jit-compiled, the
-solve never leaving the device; and ``scipy_rk45``, the official code's host loop, for
-checking numbers against it.
+Solvers: diffrax's adaptive ``tsit5`` / ``dopri5`` (the default, ``DEFAULT_SOLVER``) with a
+PID controller, jit-compiled, the solve never leaving the device; and ``scipy_rk45``, the
+official code's host loop, for checking numbers against it.
 """
 
 from __future__ import annotations
@@ -36,15 +36,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffode_jax.discretization import sum_per_example
+from diffode_jax.schedules import default_gamma_min
+
 DIVERGENCES = ("rademacher", "gaussian", "exact")
 SOLVERS = ("tsit5", "dopri5", "scipy_rk45")
 
+# Library defaults of the likelihood and sampling ODEs; configs/default.py uses these.
+# dopri5 needs fewer evaluations than tsit5 at the same tolerance (bench/eval_speed.py).
+DEFAULT_DIVERGENCE = "rademacher"
+DEFAULT_SOLVER = "dopri5"
+DEFAULT_RTOL = 1e-5
+DEFAULT_ATOL = 1e-5
+DEFAULT_MAX_STEPS = 4096
+
 # drift_fn(x, gamma) -> dx/dgamma for a batch x and a scalar gamma.
 DriftFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
-
-
-def _sum(a):
-  return a.reshape(a.shape[0], -1).sum(axis=-1)
 
 
 def draw_probe(kind: str, key, shape, dtype=jnp.float32):
@@ -58,11 +65,21 @@ def draw_probe(kind: str, key, shape, dtype=jnp.float32):
   raise ValueError(f"unknown divergence {kind!r}; expected one of {DIVERGENCES}")
 
 
+def hutchinson_jvp(fn, x, probe):
+  """(fn(x), v^T J v per example) with J = dfn/dx at x and v = probe, shaped like x.
+
+  J v is one forward-mode Jacobian-vector product, which evaluates fn(x) as well; with
+  E[v v^T] = I, v^T J v is an unbiased estimate of the per-example trace of J (when fn
+  acts on each example of the batch independently).
+  """
+  out, jv = jax.jvp(fn, (x,), (probe,))
+  return out, sum_per_example(probe * jv)
+
+
 def drift_and_divergence(drift_fn: DriftFn, x, gamma, probe):
   """(drift, divergence per image); exact trace when probe is None."""
   if probe is not None:
-    dx, jv = jax.jvp(lambda y: drift_fn(y, gamma), (x,), (probe,))
-    return dx, _sum(probe * jv)
+    return hutchinson_jvp(lambda y: drift_fn(y, gamma), x, probe)
   dim = math.prod(x.shape[1:])
   dx = drift_fn(x, gamma)
 
@@ -88,10 +105,10 @@ def augmented_vector_field(drift_fn: DriftFn, probe):
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-  solver: str = "tsit5"
-  rtol: float = 1e-5
-  atol: float = 1e-5
-  max_steps: int = 4096
+  solver: str = DEFAULT_SOLVER
+  rtol: float = DEFAULT_RTOL
+  atol: float = DEFAULT_ATOL
+  max_steps: int = DEFAULT_MAX_STEPS
   pcoeff: float = 0.0
   icoeff: float = 1.0
   dcoeff: float = 0.0
@@ -103,7 +120,7 @@ class SolverConfig:
 
 # The start time of the 8-bit default (tn at gamma_min = -2 log(3 * 256)): the solver
 # tolerances are meant for states whose noise scale at the start is at least this coarse.
-REFERENCE_GAMMA0 = -2.0 * math.log(3.0 * 256)
+REFERENCE_GAMMA0 = default_gamma_min(256)
 
 
 def tolerance_scale(gamma0: float) -> float:

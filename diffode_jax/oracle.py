@@ -117,8 +117,8 @@ def oracle_net(train_images, num_levels: int, parameterization: Parameterization
   def net_fn(params, x_gamma, gamma, dropout_key=None, train=False):
     del dropout_key, train
     gamma = jnp.broadcast_to(jnp.asarray(gamma, x_gamma.dtype), x_gamma.shape[:1])
-    alpha, sigma = schedule.alpha(gamma), schedule.sigma(gamma)
-    x_hat, eps_hat, _ = posterior_means(params, x_gamma, alpha, sigma, block_elements)
+    c = schedule.coefficients(gamma)
+    x_hat, eps_hat, _ = posterior_means(params, x_gamma, c.alpha, c.sigma, block_elements)
     return parameterization.target(x_hat, eps_hat, gamma)
 
   return init_params, net_fn

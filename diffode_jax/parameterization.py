@@ -50,8 +50,8 @@ class Parameterization:
     return self.kind == "velocity"
 
   def _coeffs(self, gamma, like):
-    g = expand_like(gamma, like)
-    return self.schedule.alpha(g), self.schedule.sigma(g)
+    c = self.schedule.coefficients(expand_like(gamma, like))
+    return c.alpha, c.sigma
 
   def target(self, x, eps, gamma):
     """Regression target F* for data x and noise eps at gamma."""
@@ -83,8 +83,8 @@ class Parameterization:
     """c(gamma) with drift = c * F (velocity only); the derivative of drift w.r.t. F."""
     if self.kind == "eps":
       raise ValueError("the eps drift is not a multiple of the network output")
-    g = gamma if like is None else expand_like(gamma, like)
-    alpha, sigma = self.schedule.alpha(g), self.schedule.sigma(g)
+    c = self.schedule.coefficients(gamma if like is None else expand_like(gamma, like))
+    alpha, sigma = c.alpha, c.sigma
     if self.schedule.name == "VP":
       return 0.5 * sigma * alpha
     return sigma * alpha / _SQRT2
@@ -111,7 +111,8 @@ class Parameterization:
     minimizer (second-order Tweedie: sigma tr(d eps*/dx) = D - E||eps - eps*||^2).
     The eps case uses that identity directly: e = sigma div - D + r.
     """
-    sigma, alpha = self.schedule.sigma(gamma), self.schedule.alpha(gamma)
+    c = self.schedule.coefficients(gamma)
+    sigma, alpha = c.sigma, c.alpha
     if self.kind == "eps":
       return sigma * divergence - dim + sq_error
     if self.schedule.name == "VP":

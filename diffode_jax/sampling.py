@@ -8,6 +8,8 @@ z_0 = alpha_0 x + sigma_0 eps to integers:
 * ``sample``: a draw from that decoder;
 * ``round``: the nearest bin of z_0 / alpha_0 (``discretization.to_levels``).
 
+Each returns integers of the data's type, ``data.level_dtype(V)`` (uint8 for V <= 256).
+
 ``flow`` is the same ODE between any two times; encoding an image to gamma_max and
 flowing back recovers it up to the solver tolerance (the flow is a bijection).
 """
@@ -28,13 +30,14 @@ from diffode_jax.schedules import Schedule
 from diffode_jax.errors import SamplingError  # noqa: F401  (re-exported)
 
 DECODES = ("argmax", "sample", "round")
-
-
+DEFAULT_DECODE = "argmax"  # the library's and configs/default.py's sample default
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
-  decode: str = "argmax"
+  """How ``make_sample_fn`` samples; the defaults are configs/default.py's."""
+
+  decode: str = DEFAULT_DECODE
   solver: ode.SolverConfig = ode.SolverConfig()
 
   def __post_init__(self):

@@ -5,7 +5,9 @@ Convention: gamma = -log SNR = log(sigma^2 / alpha^2). The data end is gamma_min
 
     x_gamma = alpha(gamma) * x + sigma(gamma) * eps,   eps ~ N(0, I).
 
-Two schedules are provided:
+Two schedules are provided, each as one function gamma -> ``Coefficients`` (alpha, sigma
+and their gamma-derivatives; ``vp_coefficients``, ``sp_coefficients``), the only place
+where they differ:
 
 * ``VP`` (variance preserving): sigma^2 = sigmoid(gamma), alpha^2 = sigmoid(-gamma),
   so alpha^2 + sigma^2 = 1.
@@ -23,12 +25,12 @@ equals sigma^2 * d/dgamma log(sigma^2 / alpha^2) = sigma^2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-
-SCHEDULES = ("VP", "SP")
 
 # The truncated normal of SPEC 5 lives on [-tau, tau] with tau = alpha_0 / (sigma_0 V);
 # the reference gamma_min makes tau = 3 (so 0.27% of a standard normal's mass is cut).
@@ -55,11 +57,54 @@ def default_gamma_u(num_levels: int) -> float:
   return -11.8 + 2.0 * math.log(256.0 / num_levels)
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["alpha", "sigma", "dalpha", "dsigma", "dlog_alpha"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Coefficients:
+  """alpha, sigma and their derivatives with respect to gamma, at one gamma (any shape).
+
+  ``dlog_alpha`` = dalpha / alpha, written in closed form for each schedule (it is the
+  linear coefficient of the ODE drift).
+  """
+
+  alpha: jnp.ndarray
+  sigma: jnp.ndarray
+  dalpha: jnp.ndarray
+  dsigma: jnp.ndarray
+  dlog_alpha: jnp.ndarray
+
+
+def vp_coefficients(gamma) -> Coefficients:
+  """VP: sigma^2 = sigmoid(gamma), alpha^2 = sigmoid(-gamma)."""
+  sigma = jnp.sqrt(jax.nn.sigmoid(gamma))
+  alpha = jnp.sqrt(jax.nn.sigmoid(-gamma))
+  return Coefficients(alpha=alpha, sigma=sigma, dalpha=-0.5 * alpha * sigma**2,
+                      dsigma=0.5 * sigma * alpha**2, dlog_alpha=-0.5 * sigma**2)
+
+
+def sp_coefficients(gamma) -> Coefficients:
+  """SP: sigma = sigmoid(gamma / 2), alpha = 1 - sigma (written without cancellation)."""
+  sigma = jax.nn.sigmoid(gamma / 2)
+  alpha = jax.nn.sigmoid(-gamma / 2)
+  return Coefficients(alpha=alpha, sigma=sigma, dalpha=-0.5 * sigma * alpha,
+                      dsigma=0.5 * sigma * alpha, dlog_alpha=-0.5 * sigma)
+
+
+# The one place where the schedules differ: name -> coefficients(gamma).
+COEFFICIENT_FNS: dict[str, Callable[..., Coefficients]] = {
+    "VP": vp_coefficients,
+    "SP": sp_coefficients,
+}
+SCHEDULES = tuple(COEFFICIENT_FNS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """A noise schedule on [gamma_min, gamma_max].
 
-  All functions take gamma (any shape) and broadcast elementwise.
+  ``coefficients(gamma)`` gives alpha, sigma and their derivatives together; the other
+  functions are accessors of it. All take gamma (any shape) and broadcast elementwise.
   """
 
   name: str
@@ -67,7 +112,7 @@ class Schedule:
   gamma_max: float
 
   def __post_init__(self):
-    if self.name not in SCHEDULES:
+    if self.name not in COEFFICIENT_FNS:
       raise ValueError(f"unknown schedule {self.name!r}; expected one of {SCHEDULES}")
     if not self.gamma_min < self.gamma_max:
       raise ValueError(
@@ -82,45 +127,37 @@ class Schedule:
     """Maps t in [0, 1] linearly to gamma (t = 0 is the data end)."""
     return self.gamma_min + self.width * t
 
+  def coefficients(self, gamma) -> Coefficients:
+    """alpha, sigma, d alpha / d gamma, d sigma / d gamma and d log alpha / d gamma."""
+    return COEFFICIENT_FNS[self.name](gamma)
+
   def sigma(self, gamma):
-    if self.name == "VP":
-      return jnp.sqrt(jax.nn.sigmoid(gamma))
-    return jax.nn.sigmoid(gamma / 2)
+    return self.coefficients(gamma).sigma
 
   def alpha(self, gamma):
-    if self.name == "VP":
-      return jnp.sqrt(jax.nn.sigmoid(-gamma))
-    # 1 - sigmoid(g/2) written without cancellation.
-    return jax.nn.sigmoid(-gamma / 2)
+    return self.coefficients(gamma).alpha
 
   def dsigma(self, gamma):
     """d sigma / d gamma."""
-    sigma, alpha = self.sigma(gamma), self.alpha(gamma)
-    if self.name == "VP":
-      return 0.5 * sigma * alpha**2
-    return 0.5 * sigma * alpha
+    return self.coefficients(gamma).dsigma
 
   def dalpha(self, gamma):
     """d alpha / d gamma."""
-    sigma, alpha = self.sigma(gamma), self.alpha(gamma)
-    if self.name == "VP":
-      return -0.5 * alpha * sigma**2
-    return -0.5 * sigma * alpha
+    return self.coefficients(gamma).dalpha
 
   def dlog_alpha(self, gamma):
     """d log alpha / d gamma: the linear coefficient of the ODE drift."""
-    if self.name == "VP":
-      return -0.5 * self.sigma(gamma) ** 2
-    return -0.5 * self.sigma(gamma)
+    return self.coefficients(gamma).dlog_alpha
 
   def drift_coefficients(self, gamma):
     """(a, b) with dx/dgamma = a * x + b * eps_hat along the probability-flow ODE."""
-    return self.dlog_alpha(gamma), 0.5 * self.sigma(gamma)
+    c = self.coefficients(gamma)
+    return c.dlog_alpha, 0.5 * c.sigma
 
   def marginal(self, x, eps, gamma):
     """x_gamma = alpha x + sigma eps; gamma broadcasts against the leading axis of x."""
-    g = expand_like(gamma, x)
-    return self.alpha(g) * x + self.sigma(g) * eps
+    c = self.coefficients(expand_like(gamma, x))
+    return c.alpha * x + c.sigma * eps
 
 
 def expand_like(gamma, x):

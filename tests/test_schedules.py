@@ -62,6 +62,19 @@ def test_derivatives_match_autodiff(schedule, name):
     np.testing.assert_allclose(getattr(schedule, name)(g), expected, rtol=1e-8, atol=1e-300)
 
 
+def test_coefficients_hold_every_accessor_and_pass_through_jit(schedule):
+  """One call gives alpha, sigma and the derivatives; the accessors are its fields, and
+  dalpha / alpha is dlog_alpha (written in closed form, so equal to rounding only)."""
+  g = jnp.asarray(GAMMAS, jnp.float32)
+  c = jax.jit(schedule.coefficients)(g)  # a pytree: it leaves jit whole
+  for name in ("alpha", "sigma", "dalpha", "dsigma", "dlog_alpha"):
+    np.testing.assert_array_equal(getattr(c, name), getattr(schedule, name)(g))
+  a, b = schedule.drift_coefficients(g)
+  np.testing.assert_array_equal(a, c.dlog_alpha)
+  np.testing.assert_array_equal(b, 0.5 * c.sigma)
+  np.testing.assert_allclose(c.dalpha / c.alpha, c.dlog_alpha, rtol=1e-5)
+
+
 def test_gamma_from_t(schedule):
   assert schedule.width == pytest.approx(18.3)
   assert float(schedule.gamma_from_t(0.0)) == pytest.approx(-13.3)
