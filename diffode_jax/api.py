@@ -4,20 +4,21 @@
     model = dj.load("runs/digits")                  # EMA params of the latest checkpoint
     bpd, report = model.bpd(images, jax.random.PRNGKey(0), dequantization="u")
     log_p = model.log_prob(images, key)             # nats, lower bound on log P(k)
-    samples = model.sample(key, 16)                 # uint8 integer images
+    samples = model.sample(key, 16)                 # integer images (uint8 for V <= 256)
 
     oracle = dj.oracle(train_images, config)        # closed form of a finite set (SPEC 6)
 
-The evaluation runs the same loop as ``--mode=eval_bpd`` (``likelihood.evaluate_batches``):
-with ``key = run.eval_key(config)`` and the config's batch size the numbers match
-eval/per_image.jsonl exactly. Nothing here writes files.
+Evaluation settings come from the config's ``eval`` section; change them per call with
+keyword overrides (``dequantization="u"``) or a whole ``dj.EvalSettings`` (``settings=``).
+The evaluation runs the loop of ``--mode=eval_bpd`` (``likelihood.evaluate_batches``): with
+``key = dj.eval_key(model.config)`` and the config's batch size the numbers equal
+eval/per_image.jsonl's. Nothing here writes files, and nothing here depends on the
+command-line runner (``diffode_jax.run``). Errors are ``diffode_jax.errors.DiffodeError``s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from typing import Any
 
@@ -26,12 +27,15 @@ import ml_collections
 import numpy as np
 
 from diffode_jax import data as data_lib
-from diffode_jax import run
-from diffode_jax.checkpoint import CheckpointError
-from diffode_jax.likelihood import (evaluate_batches, make_log_prob_fn, settings_report,
-                                    summarize)
-from diffode_jax.model import Components, ConfigError, build, eval_settings, finalize_config
-from diffode_jax.sampling import draw, make_sample_fn, sample_settings
+from diffode_jax import paths
+from diffode_jax.checkpoint import restore_for_eval
+from diffode_jax.config import (EvalSettings, eval_settings, finalize_config,
+                                read_workdir_config, sample_settings)
+from diffode_jax.errors import ConfigError, DataError
+from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn
+from diffode_jax.model import Components, build
+from diffode_jax.report import bpd_report, run_fields
+from diffode_jax.sampling import draw, make_sample_fn
 
 
 @dataclasses.dataclass
@@ -47,26 +51,29 @@ class Model:
   step: int | None = None
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
-  def _settings(self, overrides):
-    try:
-      return eval_settings(self.config, **overrides)
-    except (ValueError, TypeError) as e:
-      raise ConfigError(str(e)) from None
+  def eval_settings(self, settings: EvalSettings | None = None, **overrides) -> EvalSettings:
+    """The EvalSettings of a call: ``settings`` as given, else config.eval with overrides."""
+    if settings is not None:
+      if overrides:
+        raise ConfigError("pass either settings= or keyword overrides, not both")
+      if not isinstance(settings, EvalSettings):
+        raise ConfigError(f"settings must be a diffode_jax.EvalSettings, got "
+                          f"{type(settings).__name__}")
+      return settings
+    return eval_settings(self.config, **overrides)
 
   def _check(self, images) -> np.ndarray:
     images = np.asarray(images)
     if not np.issubdtype(images.dtype, np.integer):
-      raise data_lib.DataError(f"images must be integers in [0, data.num_levels), got "
-                               f"dtype {images.dtype}")
+      raise DataError(f"images must be integers in [0, data.num_levels), got dtype "
+                      f"{images.dtype}")
     if images.size and images.min() < 0:
-      raise data_lib.DataError(f"images hold a negative value {int(images.min())}")
+      raise DataError(f"images hold a negative value {int(images.min())}")
     data_lib.check_images(images, self.config.data, "images")
     return images
 
-  def _rows(self, images, key, overrides, batch_size, with_sde):
+  def _rows(self, images, key, settings: EvalSettings, batch_size: int, with_sde: bool):
     images = self._check(images)
-    settings = self._settings(overrides)
-    batch_size = batch_size or self.config.eval.batch_size
     c = self.components
     if settings not in self._cache:
       self._cache[settings] = make_log_prob_fn(c.drift, c.schedule, c.num_levels, settings)
@@ -80,36 +87,41 @@ class Model:
     for batch_rows in evaluate_batches(self._cache[settings], self.params, images,
                                        batch_size, key, settings, c.dim, sde_fn):
       rows.extend(batch_rows)
-    return rows, settings
+    return rows
 
-  def bpd(self, images, key, batch_size: int | None = None, **eval_overrides):
-    """Per-image bits/dim (numpy float64) and a report with the fields of eval/bpd.json.
+  def bpd(self, images, key: jax.Array, batch_size: int | None = None, *,
+          settings: EvalSettings | None = None, **eval_overrides) -> tuple[np.ndarray, dict]:
+    """Per-image bits/dim (float64, shape (N,)) and a report with the fields of
+    eval/bpd.json.
 
-    eval_overrides: dequantization, num_importance, analytic_entropy, divergence, gamma_u,
-    solver, rtol, atol, max_steps (defaults from config.eval). Raises LikelihoodError when
-    the solver fails, ConfigError for an unknown override, DataError for bad images.
+    images: integers (N, H, W, C) in [0, data.num_levels). eval_overrides: any of
+    dequantization, num_importance, analytic_entropy, divergence, gamma_u, solver, rtol,
+    atol, max_steps (defaults from config.eval), or a whole ``settings``. Raises
+    LikelihoodError when the solver fails, ConfigError for a bad override, DataError for
+    bad images.
     """
     start = time.perf_counter()
-    rows, settings = self._rows(images, key, eval_overrides, batch_size, with_sde=True)
-    report = {"checkpoint_step": self.step, "arch": self.config.model.arch,
-              "batch_size": batch_size or self.config.eval.batch_size,
-              "gamma_min": self.config.model.gamma_min,
-              "gamma_u": settings.gamma_u if settings.dequantization == "u" else None}
-    report.update(settings_report(settings, self.components.schedule))
-    report.update(summarize(rows))
-    report["wall_time_s"] = time.perf_counter() - start
+    settings = self.eval_settings(settings, **eval_overrides)
+    batch_size = batch_size or self.config.eval.batch_size
+    rows = self._rows(images, key, settings, batch_size, with_sde=True)
+    fields = run_fields(self.config, settings, self.components.schedule, self.step,
+                        batch_size)
+    report = bpd_report(fields, rows, time.perf_counter() - start)
     return np.array([r["bpd"] for r in rows]), report
 
-  def log_prob(self, images, key, batch_size: int | None = None, **eval_overrides):
-    """Per-image lower bound on log P(k) in nats (numpy float64); overrides as in bpd."""
-    rows, _ = self._rows(images, key, eval_overrides, batch_size, with_sde=False)
+  def log_prob(self, images, key: jax.Array, batch_size: int | None = None, *,
+               settings: EvalSettings | None = None, **eval_overrides) -> np.ndarray:
+    """Per-image lower bound on log P(k) in nats (float64, shape (N,)); arguments as bpd."""
+    settings = self.eval_settings(settings, **eval_overrides)
+    batch_size = batch_size or self.config.eval.batch_size
+    rows = self._rows(images, key, settings, batch_size, with_sde=False)
     return np.array([r["log_prob"] for r in rows])
 
-  def sample(self, key, n: int, batch_size: int | None = None):
-    """n integer images (uint8 for V <= 256) drawn with config.sample's settings."""
+  def sample(self, key: jax.Array, n: int, batch_size: int | None = None) -> np.ndarray:
+    """n integer images (N, H, W, C) drawn with config.sample's settings
+    (``data.level_dtype``: uint8 for V <= 256)."""
     batch_size = batch_size or self.config.sample.batch_size
-    d = self.config.data
-    shape = (batch_size,) + data_lib.image_shape(d)
+    shape = (batch_size,) + data_lib.image_shape(self.config.data)
     cache_key = ("sample", shape)
     if cache_key not in self._cache:
       c = self.components
@@ -123,21 +135,12 @@ def load(workdir: str, step: int | None = None) -> Model:
   """The model of a training workdir: its config.json and a checkpoint's EMA params.
 
   ``step`` None restores the latest checkpoint. Raises CheckpointError if the workdir has
-  no config.json or no (matching) checkpoint, ConfigError if config.json lacks a field.
+  no (valid) config.json or no (matching) checkpoint, ConfigError if config.json lacks a
+  field, WorkdirError for an unsupported workdir.
   """
-  run.check_local_workdir(workdir)
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise CheckpointError(f"no config.json in {workdir!r}: not a training workdir")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  try:
-    config = finalize_config(config)
-  except (AttributeError, KeyError) as e:  # a field this version needs is missing
-    missing = str(e.args[0] if e.args else e).strip("\"'")  # ConfigDict quotes it twice
-    raise ConfigError(f"{path} lacks the config field '{missing}'; was it written by an "
-                      f"older version of diffode_jax?") from None
-  components, params, ckpt_step = run.model_for_eval(config, workdir, step)
+  paths.check_supported(workdir)
+  config = read_workdir_config(workdir)
+  components, params, ckpt_step = restore_for_eval(config, workdir, step)
   return Model(config, components, params, ckpt_step)
 
 
@@ -151,8 +154,7 @@ def oracle(train_images, config) -> Model:
   config = finalize_config(config)
   train_images = np.asarray(train_images)
   if not np.issubdtype(train_images.dtype, np.integer):
-    raise data_lib.DataError(f"training images must be integers, got dtype "
-                             f"{train_images.dtype}")
+    raise DataError(f"training images must be integers, got dtype {train_images.dtype}")
   data_lib.check_images(train_images, config.data, "oracle training images")
   components = build(config, train_images=train_images)
   return Model(config, components, components.init_params(None), None)

@@ -1,4 +1,7 @@
-"""Orbax checkpoints of the training state under ``<workdir>/checkpoints``.
+"""Orbax checkpoints of the training state under ``<workdir>/checkpoints``, and the restore
+logic every mode shares: restore-or-init for training (``restore_or_init``), the params
+of another run for a fine-tune (``load_params``), the EMA params for evaluation
+(``restore_for_eval``).
 
 The state is saved as a plain nested dict (``flax.serialization.to_state_dict``), so a
 restore needs only a template of the same structure, and a checkpoint written by a
@@ -19,13 +22,18 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from diffode_jax.errors import CheckpointError  # noqa: F401  (re-exported)
+from absl import logging
+
+from diffode_jax import keys
+from diffode_jax.model import Components, build
+from diffode_jax.paths import checkpoint_dir
+from diffode_jax.train_state import TrainState, create_train_state, init_state
+from diffode_jax.errors import CheckpointError
+
+__all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "load_params",
+           "resolve_source", "restore_for_eval", "restore_or_init"]
 
 
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def resolve_source(source: str) -> tuple[str, int | None]:
@@ -151,3 +159,78 @@ def _check_shapes(target, restored, directory, step):
       raise CheckpointError(
           f"checkpoint {directory} step {step} does not match the configured model: "
           f"{jax.tree_util.keystr(path)} has shape {np.shape(g)}, expected {np.shape(w)}")
+
+
+# ----------------------------------------------------------------------------- restores
+
+
+def restore_or_init(config, workdir: str, components: Components, optimizer,
+                    sharding) -> tuple[TrainState, bool]:
+  """(state, resumed): workdir's latest checkpoint, else training.init_from, else a new state.
+
+  Restores go straight into the abstract shape of the state (nothing is initialized
+  first), so a mismatched checkpoint is reported before any compilation.
+  """
+  abstract = jax.eval_shape(lambda: init_state(config, components, optimizer))
+  directory = checkpoint_dir(workdir)
+  if os.path.isdir(directory):
+    ckpt = Checkpointer(directory, create=False)
+    try:
+      if ckpt.latest_step() is not None:
+        state = ckpt.restore(abstract, sharding=sharding)
+        logging.info("resumed from step %d", int(state.step))
+        return state, True
+    finally:
+      ckpt.close()
+  source = config.training.init_from
+  if source:
+    params, ema, step = load_params(source, abstract.params, sharding)
+    state = jax.jit(lambda p, e: create_train_state(p, optimizer).replace(ema_params=e),
+                    out_shardings=sharding)(params, ema)
+    logging.info("initialized params and EMA params from %s (step %d)", source, step)
+    return state, False
+  return init_state(config, components, optimizer, sharding), False
+
+
+def load_params(source: str, params_template, sharding=None):
+  """(params, ema_params, step) of a workdir, its checkpoints/, or checkpoints/<step>."""
+  directory, step = resolve_source(source)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"training.init_from={source!r}: no checkpoints in {directory}")
+  ckpt = Checkpointer(directory, create=False)
+  try:
+    return ckpt.restore_params(params_template, step, sharding)
+  finally:
+    ckpt.close()
+
+
+def restore_ema_params(config, workdir: str, components: Components, step=None):
+  """(EMA params, step) of a checkpoint; CheckpointError if there is none or it mismatches."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no checkpoints in {directory}: train first (--mode=train)")
+  ckpt = Checkpointer(directory, create=False)
+  try:
+    template = jax.eval_shape(components.init_params, keys.root_key(config, "init"))
+    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+    _, ema_params, step = ckpt.restore_params(template, step)
+    return ema_params, step
+  finally:
+    ckpt.close()
+
+
+def restore_for_eval(config, workdir: str, step=None):
+  """(components, params, checkpoint step) of a finalized config, for evaluation/sampling.
+
+  The U-Net restores the EMA params of a checkpoint in workdir (the latest when step is
+  None). The oracle (SPEC 6) has no checkpoint: its params are the training split, step
+  is None.
+  """
+  if config.model.arch == "oracle":
+    from diffode_jax import data
+
+    components = build(config, train_images=data.load_split(config.data, "train").images)
+    return components, components.init_params(None), None
+  components = build(config)
+  params, ckpt_step = restore_ema_params(config, workdir, components, step)
+  return components, params, ckpt_step

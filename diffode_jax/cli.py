@@ -1,27 +1,19 @@
-"""Dispatch for main.py: runs a mode and turns expected failures into one stderr line."""
+"""Dispatch for main.py: runs a mode and turns every DiffodeError into one stderr line."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from diffode_jax.checkpoint import CheckpointError
-from diffode_jax.data import DataError
-from diffode_jax.likelihood import LikelihoodError
-from diffode_jax.model import ConfigError
-from diffode_jax.run import TrainingError
-from diffode_jax.sampling import SamplingError
-
-USER_ERRORS = (CheckpointError, DataError, LikelihoodError, ConfigError, TrainingError,
-               SamplingError)
+from diffode_jax.errors import ConfigError, DiffodeError
 
 
 def dispatch(config, workdir: str, mode: str) -> int:
-  """Runs mode; returns the process exit status."""
-  from diffode_jax import run
+  """Runs mode; returns the process exit status (1 for a user error)."""
+  from diffode_jax import paths, run
 
   try:
-    run.check_local_workdir(workdir)
+    paths.check_supported(workdir)
     if mode == "train":
       row = run.train(config, workdir)
       if row:
@@ -38,7 +30,7 @@ def dispatch(config, workdir: str, mode: str) -> int:
       print(f"wrote {out}")
     else:
       raise ConfigError(f"unknown mode {mode!r}")
-  except USER_ERRORS as e:
+  except DiffodeError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -1,12 +1,11 @@
-"""Composes the pieces a config describes: schedule, parameterization, network, loss, drift.
+"""Composes the pieces a finalized config describes: schedule, parameterization, network,
+loss and drift (``build`` -> ``Components``), each a small factory over pure functions.
 
-``finalize_config`` fills the derived fields (gamma_min from the bit depth, gamma_u) and
-checks the choices; everything else here is a small factory over pure functions.
+Finalizing and validating the config itself is ``config.py``.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from typing import Any, Callable
@@ -14,76 +13,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from diffode_jax import augmentation, ode
-from diffode_jax.data import check_data_config, image_shape
-from diffode_jax.likelihood import EvalSettings
+from diffode_jax import augmentation
+from diffode_jax.data import image_shape
 from diffode_jax.losses import LossConfig, make_loss_fn
 from diffode_jax.networks import make_network
 from diffode_jax.oracle import oracle_net
 from diffode_jax.parameterization import Parameterization, make_parameterization
-from diffode_jax.sampling import sample_settings
-from diffode_jax.schedules import Schedule, default_gamma_min, default_gamma_u, make_schedule
+from diffode_jax.schedules import Schedule, make_schedule
+from diffode_jax.errors import ConfigError
 from diffode_jax.time_sampling import make_time_sampler
-from diffode_jax.train_state import check_training_config
-from diffode_jax.errors import ConfigError  # noqa: F401  (re-exported)
-
-ARCHS = ("unet", "oracle")
-
-
-
-
-def finalize_config(config):
-  """A copy of config with derived fields filled in and the choices validated."""
-  config = copy.deepcopy(config)
-  v = config.data.num_levels
-  if not isinstance(v, int) or v < 2:
-    raise ConfigError(f"data.num_levels must be an integer >= 2, got {v!r}")
-  with config.unlocked():
-    if config.model.gamma_min is None:
-      config.model.gamma_min = default_gamma_min(v)
-    if config.eval.gamma_u is None:
-      config.eval.gamma_u = default_gamma_u(v)
-    m = config.model
-    if m.get("fourier_max") is None:  # the coarsest frequency whose period fits in a bin
-      m.fourier_max = math.ceil(math.log2(v)) - 1
-    if m.get("fourier_min") is None:
-      m.fourier_min = m.fourier_max - 1
-  if config.model.fourier_min > config.model.fourier_max:
-    raise ConfigError(f"model.fourier_min ({config.model.fourier_min}) must not exceed "
-                      f"model.fourier_max ({config.model.fourier_max})")
-  if config.model.arch not in ARCHS:
-    raise ConfigError(f"unknown model.arch {config.model.arch!r}; expected one of {ARCHS}")
-  try:
-    check_data_config(config.data)
-    check_training_config(config.training)
-    schedule = make_schedule(config.model)
-    make_parameterization(config.model, schedule)
-    make_time_sampler(config, schedule)
-    eval_settings(config)
-    sample_settings(config)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if config.model.second_order and config.model.parameterization != "velocity":
-    raise ConfigError("model.second_order applies to the velocity parameterization")
-  return config
-
-
-def eval_settings(config, **overrides) -> EvalSettings:
-  """EvalSettings from config.eval; overrides accept the EvalSettings and solver fields."""
-  e = config.eval
-  solver_fields = {f.name for f in dataclasses.fields(ode.SolverConfig)}
-  solver_kw = {"solver": e.solver, "rtol": e.rtol, "atol": e.atol, "max_steps": e.max_steps}
-  solver_kw.update({k: v for k, v in overrides.items() if k in solver_fields})
-  rest = {k: v for k, v in overrides.items() if k not in solver_fields}
-  unknown = set(rest) - {"dequantization", "num_importance", "analytic_entropy",
-                         "divergence", "gamma_u"}
-  if unknown:
-    raise ValueError(f"unknown evaluation override(s): {sorted(unknown)}")
-  kw = {"dequantization": e.dequantization, "num_importance": e.num_importance,
-        "analytic_entropy": e.analytic_entropy, "divergence": e.divergence,
-        "gamma_u": e.gamma_u}
-  kw.update(rest)
-  return EvalSettings(solver=ode.SolverConfig(**solver_kw), **kw)
 
 
 @dataclasses.dataclass(frozen=True)

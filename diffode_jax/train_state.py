@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffode_jax import augmentation
+from diffode_jax import augmentation, keys
 from diffode_jax.dequantization import TRAIN_DEQUANTIZATIONS
 from diffode_jax.discretization import nats_to_bpd
 
@@ -77,6 +77,20 @@ def create_train_state(params, optimizer) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params),
                     opt_state=optimizer.init(params))
+
+
+def init_state(config, components, optimizer, sharding=None) -> TrainState:
+  """The initial TrainState of a run, computed on one device, then placed with ``sharding``.
+
+  Computing it on one device keeps the compiled program the same for every device count
+  and process count (one compilation-cache entry); every process computes the same values.
+  """
+  from diffode_jax.parallel import replicate
+
+  init = lambda: create_train_state(components.init_params(keys.root_key(config, "init")),
+                                    optimizer)
+  state = jax.jit(init)()
+  return state if sharding is None else replicate(state, sharding)
 
 
 def ema_decay_at(ema_decay: float, num_updates, warmup: bool):

@@ -9,7 +9,9 @@ import pytest
 import procs
 from diffode_jax import run
 from diffode_jax.checkpoint import CheckpointError
-from diffode_jax.model import build, finalize_config
+from diffode_jax.checkpoint import load_params
+from diffode_jax.config import finalize_config
+from diffode_jax.model import build
 
 
 def _params_template(config):
@@ -26,7 +28,9 @@ def test_init_from_starts_a_second_order_run_from_another_runs_params(tiny_confi
   fine.training.init_from = str(source)
   fine.training.num_steps = 1
   row = run.train(fine, str(tmp_path / "fine"))
+  # The trained objective is the first-order term plus the (non-zero) second-order term.
   assert row["second_order_bpd"] > 0
+  assert row["loss"] == pytest.approx(row["diffusion_bpd"] + row["second_order_bpd"], rel=1e-5)
 
   src, got = procs.load_checkpoint(source), procs.load_checkpoint(tmp_path / "fine")
   assert int(got["step"]) == 1  # a new run: its own step count and optimizer
@@ -47,17 +51,17 @@ def test_init_from_starts_a_second_order_run_from_another_runs_params(tiny_confi
   # init_from also takes checkpoints/ or one step folder in it.
   template = _params_template(tiny_config)
   for path, step in [(source / "checkpoints", 3), (source / "checkpoints" / "2", 2)]:
-    params, ema, got_step = run.load_params(str(path), template)
+    params, ema, got_step = load_params(str(path), template)
     assert got_step == step
     procs.assert_trees_close(ema, procs.load_checkpoint(source, step)["ema_params"], 0, 0)
 
 
 def test_init_from_bad_source_is_a_checkpoint_error(tiny_config, tmp_path):
   with pytest.raises(CheckpointError, match="no checkpoints in"):
-    run.load_params(str(tmp_path / "nowhere"), _params_template(tiny_config))
+    load_params(str(tmp_path / "nowhere"), _params_template(tiny_config))
   tiny_config.training.num_steps = 2
   run.train(tiny_config, str(tmp_path / "source"))
   wider = copy.deepcopy(tiny_config)
   wider.model.channels = 16
   with pytest.raises(CheckpointError, match="does not match the configured model"):
-    run.load_params(str(tmp_path / "source"), _params_template(wider))
+    load_params(str(tmp_path / "source"), _params_template(wider))

@@ -6,6 +6,7 @@ device count is in test_multidevice.py (it needs several devices).
 """
 
 import copy
+import importlib
 import hashlib
 import os
 import subprocess
@@ -49,6 +50,7 @@ def _assert_one_error_line(status, lines, *fragments):
     assert fragment in lines[0], (fragment, lines[0])
 
 
+@pytest.mark.subprocess
 def test_unknown_config_field_on_the_command_line(tmp_path):
   workdir = tmp_path / "run"
   for flag, fragment in [("--config.training.batch_sise=8",
@@ -167,7 +169,9 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, cap
     batch = real_host_batch(data, batch_size, step, *args)
     return np.full_like(batch, sentinel) if step == bad_step - 1 else batch
 
-  monkeypatch.setattr(run, "make_train_step", _poisoning_train_step(run.make_train_step))
+  train_module = importlib.import_module("diffode_jax.run.train")
+  monkeypatch.setattr(train_module, "make_train_step",
+                      _poisoning_train_step(train_module.make_train_step))
   monkeypatch.setattr(data_lib, "host_batch", host_batch)
   tiny_config.training.num_steps = 6
   tiny_config.training.checkpoint_every = 2

@@ -5,9 +5,15 @@ own subprocess; both start at once (they compile in parallel on the two cores). 
 checkpoint written on 8 devices is then restored and continued in this 1-device process.
 """
 
+import pytest
+
 import procs
 from diffode_jax import run
-from diffode_jax.model import build, finalize_config
+from diffode_jax.checkpoint import restore_ema_params
+from diffode_jax.config import finalize_config
+from diffode_jax.model import build
+
+pytestmark = pytest.mark.subprocess
 
 
 def test_one_and_eight_devices_give_the_same_run(tmp_path):
@@ -22,7 +28,7 @@ def test_one_and_eight_devices_give_the_same_run(tmp_path):
 
   # The 8-device checkpoint serves this 1-device process: evaluation, and resuming.
   config = finalize_config(procs.config(training__num_steps=4, training__checkpoint_every=3))
-  _, step = run.restore_for_eval(config, str(tmp_path / "eight"), build(config))
+  _, step = restore_ema_params(config, str(tmp_path / "eight"), build(config))
   assert step == 3
   run.train(config, str(tmp_path / "eight"))
   assert sorted(procs.losses(tmp_path / "eight")) == [1, 2, 3, 4]

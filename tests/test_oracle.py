@@ -20,7 +20,9 @@ import diffode_jax as dj
 from diffode_jax import data, run
 from diffode_jax.dequantization import truncation
 from diffode_jax.likelihood import LikelihoodError
-from diffode_jax.model import ConfigError, build, finalize_config
+from diffode_jax.config import finalize_config
+from diffode_jax.errors import ConfigError
+from diffode_jax.model import build
 from diffode_jax.oracle import posterior_means
 from diffode_jax.schedules import Schedule
 

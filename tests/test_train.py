@@ -2,14 +2,19 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
+from diffode_jax import data as data_lib
 from diffode_jax import run
 from diffode_jax.checkpoint import Checkpointer, checkpoint_dir
-from diffode_jax.model import build, finalize_config
+from diffode_jax.config import finalize_config
+from diffode_jax.errors import ConfigError
+from diffode_jax.model import build
+from diffode_jax.train_state import init_state
 from diffode_jax.train_state import make_optimizer
 
 
@@ -21,7 +26,7 @@ def _read_jsonl(path):
 def _restore(config, workdir):
   config = finalize_config(config)
   components = build(config)
-  template = run.init_state(config, components, make_optimizer(config.training))
+  template = init_state(config, components, make_optimizer(config.training))
   ckpt = Checkpointer(checkpoint_dir(workdir), create=False)
   try:
     return ckpt.restore(template), template
@@ -43,7 +48,11 @@ def test_digits_train_step_writes_metrics_and_checkpoint(tiny_config, tmp_path):
   assert int(state.step) == 3
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
                                        state.params, init.params))
-  assert max(moved) > 0  # the optimizer changed the parameters
+  # The optimizer moved the parameters, by at most what Adam allows: |update| <= lr per
+  # coordinate and step (normalized first moment, bias-corrected) plus the weight decay;
+  # the warm-up gives steps 2 and 3 the full learning rate, step 1 none.
+  lr = tiny_config.training.learning_rate
+  assert 0 < max(moved) <= 2 * lr * (1 + tiny_config.training.weight_decay) * 1.01, moved
 
 
 def test_mock_cifar10_train_step(tmp_path):
@@ -96,4 +105,51 @@ def test_eval_bpd_report(tiny_config, tmp_path):
               "dataset", "dataset_version", "wall_time_s"):
     assert key in saved, key
   assert saved["num_images"] == 16 and saved["checkpoint_step"] == 3
-  assert np.isfinite(saved["bpd"]) and saved["bpd"] > 0
+  rows = _read_jsonl(os.path.join(workdir, "eval", "per_image.jsonl"))[1:]
+  values = np.array([r["bpd"] for r in rows])
+  assert [r["index"] for r in rows] == list(range(16))
+  assert saved["bpd"] == pytest.approx(values.mean(), rel=1e-12)
+  assert saved["bpd_stderr"] == pytest.approx(values.std(ddof=1) / 4.0, rel=1e-9)
+  assert saved["schedule"] == "VP" and saved["parameterization"] == "velocity"
+
+
+def test_eval_every_logs_test_bpd_of_the_ema_params_once_per_step_across_resume(
+    tiny_config, tmp_path):
+  """training.eval_every: rows {step, test_bpd, ...} at steps 2 and 4 that equal eval_bpd
+  of the checkpoint of the same step on the same images (same keys, same batch), and a
+  resumed run logs each evaluation step once."""
+  t = tiny_config.training
+  t.num_steps, t.checkpoint_every, t.eval_every, t.eval_images = 4, 2, 2, 8
+  t.keep_checkpoints = 5
+  workdir = str(tmp_path / "run")
+  run.train(tiny_config, workdir)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  evals = [r for r in _read_jsonl(metrics) if "test_bpd" in r]
+  assert [r["step"] for r in evals] == [2, 4]
+  assert all(r["test_images"] == 8 and r["test_dequantization"] == "tn" for r in evals)
+
+  # The step-2 number is eval_bpd of checkpoint 2's EMA params on the first 8 test images.
+  import diffode_jax as dj
+  model = dj.load(workdir, step=2)
+  images = data_lib.load_split(model.config.data, "test").images[:8]
+  bpd, _ = model.bpd(images, dj.eval_key(model.config), batch_size=8)
+  assert evals[0]["test_bpd"] == pytest.approx(float(np.mean(bpd)), rel=1e-6)
+  assert evals[0]["test_bpd"] != pytest.approx(evals[1]["test_bpd"], rel=1e-6)
+
+  # A run killed after logging step 4's evaluation but before its checkpoint committed:
+  # resumed from step 2, it drops the step-4 rows and evaluates step 4 again, once.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  t.num_steps = 6
+  run.train(tiny_config, workdir)
+  rows = _read_jsonl(metrics)
+  assert [r["step"] for r in rows if "test_bpd" in r] == [2, 4, 6]
+  assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
+  redone = [r for r in rows if r.get("step") == 4 and "test_bpd" in r][0]
+  assert redone["test_bpd"] == pytest.approx(evals[1]["test_bpd"], rel=1e-6)
+
+
+def test_eval_every_needs_eval_images(tiny_config, tmp_path):
+  tiny_config.training.eval_every = 2
+  tiny_config.training.eval_images = 0
+  with pytest.raises(ConfigError, match="eval_images"):
+    run.train(tiny_config, str(tmp_path / "run"))

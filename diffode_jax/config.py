@@ -1,0 +1,122 @@
+"""Config finalization and validation: the one place that turns a ConfigDict into a run's.
+
+``finalize_config`` fills the derived fields (gamma_min and gamma_u from the bit depth,
+the Fourier frequencies) and checks every choice, raising ``ConfigError`` with one line;
+``eval_settings`` / ``sample_settings`` turn config.eval / config.sample into the typed
+settings the library takes. ``read_workdir_config`` reads a workdir's config.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+
+import ml_collections
+
+from diffode_jax import ode, paths
+from diffode_jax.data import check_data_config
+from diffode_jax.errors import CheckpointError, ConfigError
+from diffode_jax.likelihood import EvalSettings
+from diffode_jax.parameterization import make_parameterization
+from diffode_jax.sampling import SampleSettings, sample_settings
+from diffode_jax.schedules import default_gamma_min, default_gamma_u, make_schedule
+from diffode_jax.time_sampling import make_time_sampler
+from diffode_jax.train_state import check_training_config
+
+ARCHS = ("unet", "oracle")
+EVAL_OVERRIDES = ("dequantization", "num_importance", "analytic_entropy", "divergence",
+                  "gamma_u")
+
+__all__ = ["ARCHS", "ConfigError", "EvalSettings", "SampleSettings", "eval_settings",
+           "finalize_config", "read_workdir_config", "sample_settings"]
+
+
+def finalize_config(config):
+  """A copy of config with derived fields filled in and the choices validated."""
+  config = copy.deepcopy(config)
+  v = config.data.num_levels
+  if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+    raise ConfigError(f"data.num_levels must be an integer >= 2, got {v!r}")
+  with config.unlocked():
+    if config.model.gamma_min is None:
+      config.model.gamma_min = default_gamma_min(v)
+    if config.eval.gamma_u is None:
+      config.eval.gamma_u = default_gamma_u(v)
+    m = config.model
+    if m.get("fourier_max") is None:  # the coarsest frequency whose period fits in a bin
+      m.fourier_max = math.ceil(math.log2(v)) - 1
+    if m.get("fourier_min") is None:
+      m.fourier_min = m.fourier_max - 1
+  if config.model.fourier_min > config.model.fourier_max:
+    raise ConfigError(f"model.fourier_min ({config.model.fourier_min}) must not exceed "
+                      f"model.fourier_max ({config.model.fourier_max})")
+  if config.model.arch not in ARCHS:
+    raise ConfigError(f"unknown model.arch {config.model.arch!r}; expected one of {ARCHS}")
+  t = config.training
+  for name in ("eval_every", "eval_images"):
+    value = t[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ConfigError(f"training.{name} must be an integer >= 0, got {value!r}")
+  if t.eval_every and not t.eval_images:
+    raise ConfigError("training.eval_every > 0 needs training.eval_images >= 1")
+  try:
+    check_data_config(config.data)
+    check_training_config(config.training)
+    schedule = make_schedule(config.model)
+    make_parameterization(config.model, schedule)
+    make_time_sampler(config, schedule)
+    eval_settings(config)
+    sample_settings(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.model.second_order and config.model.parameterization != "velocity":
+    raise ConfigError("model.second_order applies to the velocity parameterization")
+  return config
+
+
+def eval_settings(config, **overrides) -> EvalSettings:
+  """EvalSettings from config.eval; overrides accept the EvalSettings and solver fields.
+
+  Raises ConfigError for an unknown override or a value that cannot work.
+  """
+  e = config.eval
+  solver_fields = {f.name for f in dataclasses.fields(ode.SolverConfig)}
+  solver_kw = {"solver": e.solver, "rtol": e.rtol, "atol": e.atol, "max_steps": e.max_steps}
+  solver_kw.update({k: v for k, v in overrides.items() if k in solver_fields})
+  rest = {k: v for k, v in overrides.items() if k not in solver_fields}
+  unknown = set(rest) - set(EVAL_OVERRIDES)
+  if unknown:
+    raise ConfigError(f"unknown evaluation override(s): {sorted(unknown)}; expected "
+                      f"{sorted(set(EVAL_OVERRIDES) | solver_fields)}")
+  kw = {name: e[name] for name in EVAL_OVERRIDES}
+  kw.update(rest)
+  try:
+    return EvalSettings(solver=ode.SolverConfig(**solver_kw), **kw)
+  except (TypeError, ValueError) as err:
+    raise ConfigError(str(err)) from None
+
+
+def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The finalized config.json of a training workdir.
+
+  Raises CheckpointError if there is none or it is not valid JSON, ConfigError if it lacks
+  a field this version needs (written by an older version) or holds a bad value.
+  """
+  path = paths.config_path(workdir)
+  if not os.path.exists(path):
+    raise CheckpointError(f"no config.json in {workdir!r}: not a training workdir")
+  try:
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{path} is not a valid config.json ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]})") from None
+  try:
+    return finalize_config(config)
+  except (AttributeError, KeyError) as e:  # a field this version needs is missing
+    missing = str(e.args[0] if e.args else e).strip("\"'")  # ConfigDict quotes it twice
+    raise ConfigError(f"{path} lacks the config field '{missing}'; was it written by an "
+                      f"older version of diffode_jax?") from None

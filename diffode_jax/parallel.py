@@ -1,0 +1,101 @@
+"""Data parallelism over every device of every process: the mesh, batch placement,
+replication and barriers.
+
+One 1-D mesh axis ``"data"`` spans ``jax.devices()`` (all processes). A global batch is
+split evenly over it; each process holds only its own contiguous slice
+(``data.host_batch``) and ``global_batch`` assembles the global array from those slices.
+Everything here is a no-op or trivial with one process and one device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffode_jax.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def make_mesh() -> Mesh:
+  """A 1-D data-parallel mesh over every device of every process."""
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch(batch_size: int, what: str) -> None:
+  """Raises ConfigError unless the global batch splits evenly over all devices."""
+  n = jax.device_count()
+  if batch_size % n:
+    raise ConfigError(f"{what}={batch_size} is not divisible by the {n} devices "
+                      f"({jax.process_count()} process(es)); each takes an equal share")
+
+
+def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Assembles the global batch array (split over ``"data"``) from this process's slice."""
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
+
+
+def replicate(tree, sharding):
+  """Places a pytree whose values are the same on every process with ``sharding``."""
+
+  def place(leaf):
+    value = np.asarray(leaf)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  return jax.tree.map(place, tree)
+
+
+def local_copy(tree):
+  """A host (NumPy) copy of a pytree of replicated arrays, read from a local device.
+
+  Works for arrays replicated over devices of several processes, whose global value no
+  single process can ``device_get``.
+  """
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0))
+                      if isinstance(a, jax.Array) else np.asarray(a), tree)
+
+
+def sync(name: str) -> None:
+  """A barrier of all processes (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def on_any_process(flag: bool) -> bool:
+  """True on every process if ``flag`` is true on at least one (a collective)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def chief_first(fn: Callable[[], T], name: str, errors: tuple = ()) -> T:
+  """fn() on every process, process 0 first (e.g. to prepare a tfds data set once).
+
+  An exception of type ``errors`` on process 0 is raised on process 0 after the barrier,
+  so the others are not left waiting in it.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  error, result = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except errors as e:
+      error = e
+  sync(name)
+  if error is not None:
+    raise error
+  if jax.process_index() != 0:
+    result = fn()
+  return result

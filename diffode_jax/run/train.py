@@ -1,0 +1,182 @@
+"""The training loop (SPEC 4 objectives, SPEC 8 workdir): train or resume, log, checkpoint,
+and, every ``training.eval_every`` steps, the test bits/dim of the EMA params."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from diffode_jax import data as data_lib
+from diffode_jax import keys, parallel, paths
+from diffode_jax.checkpoint import Checkpointer, restore_or_init
+from diffode_jax.config import eval_settings, finalize_config
+from diffode_jax.errors import ConfigError, DataError, TrainingError
+from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, summarize
+from diffode_jax.model import build
+from diffode_jax.run import workdir as workdir_lib
+from diffode_jax.run.console import StopSignal, progress
+from diffode_jax.train_state import learning_rate_schedule, make_optimizer, make_train_step
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) in workdir; returns the last logged metrics.
+
+  Everything bad input can break (config values, device count, data, checkpoint
+  compatibility, workdir permissions) is checked before the first file is written, so a
+  failed start leaves the workdir as it was. Rerunning resumes from the latest committed
+  checkpoint: batches and keys are functions of the step, so the continuation equals an
+  uninterrupted run; metrics.jsonl rows after the restored step are dropped.
+  ``training.init_from`` starts a new run (step 0, fresh optimizer, no EMA warm-up) from
+  another run's params and EMA params; an existing checkpoint in workdir takes precedence.
+  """
+  config = finalize_config(config)
+  if config.model.arch == "oracle":
+    raise ConfigError("model.arch='oracle' is closed-form and has nothing to train; "
+                      "use --mode=eval_bpd or --mode=sample")
+  t = config.training
+  workdir_lib.check_writable(workdir)
+  parallel.check_batch(t.batch_size, "training.batch_size")
+  train_data = parallel.chief_first(lambda: data_lib.load_split(config.data, "train"),
+                                    "diffode_jax: data train prepared", (DataError,))
+  components = build(config)
+  mesh = parallel.make_mesh()
+  replicated = parallel.replicated_sharding(mesh)
+  optimizer = make_optimizer(t)
+  accum = int(t.grad_accum_steps)
+  total = int(t.num_steps) * accum
+  is_chief = jax.process_index() == 0
+  periodic_eval = make_periodic_eval(config, components) if t.eval_every and is_chief else None
+
+  state, resumed = restore_or_init(config, workdir, components, optimizer, replicated)
+  parallel.sync("diffode_jax: checkpoints read")  # before any process creates checkpoints/
+  workdir_lib.ensure(workdir)
+  ckpt = Checkpointer(paths.checkpoint_dir(workdir), keep=t.keep_checkpoints)
+  step = int(state.step)
+  if is_chief:
+    workdir_lib.write_json(paths.config_path(workdir), config.to_dict())
+    workdir_lib.truncate_metrics(workdir, step if resumed else 0)
+
+  # A fine-tune keeps its source's EMA: no EMA warm-up, which would mostly forget it.
+  ema_warmup = bool(t.ema_warmup) and not t.init_from
+  train_step = jax.jit(
+      make_train_step(components.loss_fn, optimizer, t.ema_decay, components.dim,
+                      augment=bool(config.data.augment), ema_warmup=ema_warmup),
+      donate_argnums=0, out_shardings=replicated)
+  train_key = keys.root_key(config, "train")
+  lr_schedule = learning_rate_schedule(t)
+  writer = workdir_lib.MetricsWriter(workdir, bool(t.tensorboard)) if is_chief else None
+  stop = StopSignal()
+  last_saved = step if resumed else None
+  pending, last_row = [], {}
+  tic, tic_step = time.perf_counter(), step
+  bar = progress(total, step, "train")
+  try:
+    while step < total:
+      local = data_lib.host_batch(train_data, t.batch_size, step, config.seed,
+                                  jax.process_index(), jax.process_count())
+      state, metrics = train_step(state, parallel.global_batch(local, mesh),
+                                  jax.random.fold_in(train_key, step))
+      pending.append(metrics)
+      step += 1
+      bar.update(1)
+      at_log = step % t.log_every == 0 or step == total
+      if at_log:
+        row = _reduce(pending, step)
+        pending = []
+        _check_finite(row, step, last_saved)
+        now = time.perf_counter()
+        row["steps_per_sec"] = (step - tic_step) / max(now - tic, 1e-9)
+        row["learning_rate"] = float(lr_schedule(step // accum))
+        tic, tic_step = now, step
+        bar.set_postfix(loss_bpd=f"{row['loss']:.4f}", sde_bpd=f"{row['sde_bpd']:.3f}")
+        if writer:
+          writer.write(row)
+        last_row = row
+      # Before the checkpoint of the same step: a run killed between the two redoes the
+      # evaluation after resuming (its row is dropped with the step's), never skips it.
+      if periodic_eval is not None and step % t.eval_every == 0:
+        eval_row = periodic_eval(parallel.local_copy(state.ema_params), step)
+        bar.write(f"step {step}: test {eval_row['test_bpd']:.4f} +- "
+                  f"{eval_row['test_bpd_stderr']:.4f} bits/dim")
+        writer.write(eval_row)
+        last_row = {**last_row, **eval_row} if last_row.get("step") == step else last_row
+      # One process alone must not stop (the others would wait for it in a collective):
+      # with several processes the signal is agreed on at log steps.
+      stopping = stop.requested if jax.process_count() == 1 else (
+          at_log and parallel.on_any_process(stop.requested))
+      if step % t.checkpoint_every == 0 or step == total or stopping:
+        if pending:
+          _check_finite(_reduce(pending, step), step, last_saved)
+        if not bool(_all_finite(state.params)):
+          raise TrainingError(f"non-finite parameters at step {step}; stopped, the last "
+                              f"good checkpoint ({_describe(last_saved)}) is kept")
+        ckpt.save(step, state)
+        last_saved = step
+        if stopping:
+          logging.warning("stopped by signal at step %d after saving a checkpoint", step)
+          break
+  finally:
+    bar.close()
+    stop.restore()
+    ckpt.close()
+    if writer:
+      writer.close()
+  return last_row
+
+
+def make_periodic_eval(config, components):
+  """eval_fn(ema_params, step) -> metrics row with the test bits/dim of the first
+  ``training.eval_images`` images of eval.split.
+
+  config.eval's dequantization, divergence and solver with K = 1 (cheap; ``tn`` by
+  default), the keys of ``--mode=eval_bpd`` (``keys.eval_key``): at the same batch size the
+  numbers equal eval_bpd's on those images, and every evaluation of a run sees the same
+  noise, so the curve moves only with the params. Runs on this process's first device.
+  """
+  t, e = config.training, config.eval
+  images = data_lib.load_split(config.data, e.split).images[:t.eval_images]
+  settings = eval_settings(config, num_importance=1)
+  batch_size = min(int(e.batch_size), len(images))
+  log_prob = make_log_prob_fn(components.drift, components.schedule, components.num_levels,
+                              settings)
+  key = keys.eval_key(config)
+
+  def eval_fn(ema_params, step):
+    rows = [r for batch in evaluate_batches(log_prob, ema_params, images, batch_size, key,
+                                            settings, components.dim)
+            for r in batch]
+    s = summarize(rows)
+    return {"step": step, "test_bpd": s["bpd"], "test_bpd_stderr": s["bpd_stderr"],
+            "test_nfe": s["nfe_mean"], "test_images": s["num_images"],
+            "test_dequantization": settings.dequantization}
+
+  return eval_fn
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _describe(last_saved) -> str:
+  return "none saved yet" if last_saved is None else f"step {last_saved}"
+
+
+def _reduce(pending, step):
+  stacked = jax.device_get(pending)
+  row = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  row["step"] = step
+  return row
+
+
+def _check_finite(row, step, last_saved):
+  bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+  if bad:
+    raise TrainingError(
+        f"non-finite {', '.join(sorted(bad))} at step {step}; stopped, the last good "
+        f"checkpoint ({_describe(last_saved)}) is kept")
