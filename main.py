@@ -90,7 +90,17 @@ def main(argv):
   init_distributed()
   from diffode_jax import cli  # after flag parsing: keeps --help fast
 
-  sys.exit(cli.dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode))
+  # The fields set on the command line: a workdir's config.json supplies the rest of
+  # what defines its model (and may not be contradicted by them).
+  explicit = set(config_flags.get_override_values(FLAGS["config"]))
+  status = cli.dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode, explicit)
+  if status:
+    # After a user error, exit at once: orbax / asyncio threads left behind would wait
+    # (a failed checkpoint write) or print shutdown tracebacks under the one error line.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)
 
 
 if __name__ == "__main__":

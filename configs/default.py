@@ -70,7 +70,8 @@ def get_config():
   training.log_every = 100  # steps between metrics.jsonl / TensorBoard rows
   training.tensorboard = True  # also write TensorBoard events (imports TensorFlow, ~5 s)
   training.checkpoint_every = 5000  # steps between checkpoints
-  training.keep_checkpoints = 3  # checkpoints kept on disk
+  training.keep_checkpoints = 3  # newest checkpoints kept on disk (plus the one with the lowest training loss)
+  training.divergence_factor = 10.0  # stop when a logged loss exceeds this times the median of the last 20 (0: off; run/guard.py)
   training.init_from = ml_collections.config_dict.placeholder(str)  # workdir or checkpoint dir to start a new run from (None: none)
   training.eval_every = 0  # steps between test bits/dim of the EMA params (eval.split, K = 1, eval's keys) in metrics.jsonl (0: off)
   training.eval_images = 128  # first images of eval.split used by those evaluations

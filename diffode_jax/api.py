@@ -138,6 +138,7 @@ def load(workdir: str, step: int | None = None) -> Model:
   no (valid) config.json or no (matching) checkpoint, ConfigError if config.json lacks a
   field, WorkdirError for an unsupported workdir.
   """
+  workdir = paths.expand(workdir)
   paths.check_supported(workdir)
   config = read_workdir_config(workdir)
   components, params, ckpt_step = restore_for_eval(config, workdir, step)

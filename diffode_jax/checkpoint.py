@@ -16,7 +16,11 @@ writes replicated arrays from the primary host only.
 
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
 import os
+import sys
+import threading
 
 import flax
 import jax
@@ -68,16 +72,39 @@ def _first_line(e: Exception) -> str:
   return (str(e).strip().splitlines() or [""])[0][:200]
 
 
-class Checkpointer:
-  """Saves and restores TrainState pytrees; keeps the last ``keep`` steps.
+class DamagedCheckpoint(CheckpointError):
+  """A step whose files cannot be read (truncated, missing, corrupt), as opposed to one
+  that does not match the configured model."""
 
+
+class Checkpointer:
+  """Saves and restores TrainState pytrees.
+
+  Retention: after each save the newest ``keep`` steps are kept, and so is the step with
+  the lowest training loss (``losses``: step -> loss of the rows logged up to it), so a
+  run that slowly diverged never rotates its last good checkpoint out.
+
+  Restores check the saved shapes (from the checkpoint's metadata) against the template
+  first: a different shape is a mismatch (CheckpointError naming the array); a step whose
+  files cannot be read is ``DamagedCheckpoint``. With ``fallback`` a restore of the
+  latest step moves a damaged step aside (renamed ``<step>.damaged``, kept for
+  inspection, by process 0) and restores the newest intact one; ``damaged`` lists them.
+
+  A save that fails (a read-only or full disk) raises CheckpointError naming the path
+  and the OS error; the manager is then left alone (``close`` does not wait on it).
   ``create`` makes the directory (and cleans up temporary folders of interrupted saves);
-  without it, the directory must exist and nothing in it is changed.
+  without it, the directory must exist and nothing in it is changed except moving a
+  damaged step aside.
   """
 
-  def __init__(self, directory: str, keep: int = 3, create: bool = True):
+  def __init__(self, directory: str, keep: int = 3, create: bool = True,
+               losses: dict | None = None):
     self.directory = directory
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+    self.keep = keep
+    self.losses = dict(losses or {})
+    self.damaged: list = []
+    self.failed = False
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
                                            cleanup_tmp_directories=create)
     self.manager = ocp.CheckpointManager(directory, options=options)
 
@@ -85,13 +112,32 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def all_steps(self):
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state) -> None:
-    """Saves (all processes call this) and waits until the step is committed."""
-    self.manager.save(int(step),
-                      args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
-    self.manager.wait_until_finished()
+  def save(self, step: int, state, loss: float | None = None) -> None:
+    """Saves (all processes call this), waits until the step is committed, then prunes."""
+    try:
+      with _quiet_background_failures():
+        self.manager.save(int(step),
+                          args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+        self.manager.wait_until_finished()
+    except Exception as e:  # OSError, or orbax / tensorstore wrapping one
+      self.failed = True
+      raise CheckpointError(f"cannot write checkpoint step {step} to {self.directory}: "
+                            f"{_os_error(e)}; the previous checkpoints are intact") from None
+    if loss is not None:
+      self.losses[int(step)] = float(loss)
+    self._prune()
+
+  def _prune(self):
+    steps = self.all_steps()
+    keep = set(steps[-self.keep:])
+    scored = [s for s in steps if s in self.losses and np.isfinite(self.losses[s])]
+    if scored:
+      keep.add(min(scored, key=lambda s: self.losses[s]))
+    for s in steps:
+      if s not in keep:
+        self.manager.delete(s)
 
   def _check_step(self, step):
     step = self.latest_step() if step is None else step
@@ -102,50 +148,149 @@ class Checkpointer:
                             f"(have {self.all_steps()})")
     return step
 
-  def restore(self, template, step=None, sharding=None):
+  def _saved_tree(self, step):
+    """The saved array metadata tree of a step (DamagedCheckpoint if unreadable)."""
+    path = os.path.join(self.directory, str(step), "default")
+    absl_logger = logging.get_absl_logger()
+    level = absl_logger.level
+    absl_logger.setLevel(std_logging.ERROR)  # orbax warns that the step's metadata is one up
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        meta = reader.metadata(path)
+    except Exception as e:
+      raise DamagedCheckpoint(f"checkpoint {self.directory} step {step} is damaged "
+                              f"(metadata: {type(e).__name__}: {_first_line(e)})") from None
+    finally:
+      absl_logger.setLevel(level)
+    item = getattr(meta, "item_metadata", meta)
+    tree = getattr(item, "tree", item)
+    if not tree or not hasattr(tree, "get"):  # orbax could not parse the step's metadata
+      raise DamagedCheckpoint(f"checkpoint {self.directory} step {step} is damaged (its "
+                              f"metadata cannot be read)")
+    return tree
+
+  def _restore_step(self, step, target, subset, restore):
+    """restore(step) after checking saved shapes of ``subset`` keys against target."""
+    saved = self._saved_tree(step)
+    for key in subset or [None]:
+      got = saved if key is None else (saved.get(key) if hasattr(saved, "get") else None)
+      if got is None:
+        raise CheckpointError(f"checkpoint {self.directory} step {step} does not match the "
+                              f"configured model (it has no {key!r})")
+      _check_shapes(target, got, self.directory, step)
+    try:
+      return restore(step)
+    except CheckpointError:
+      raise
+    except Exception as e:
+      raise DamagedCheckpoint(f"checkpoint {self.directory} step {step} is damaged "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+
+  def _with_fallback(self, step, fallback, attempt):
+    if step is not None or not fallback:
+      return attempt(self._check_step(step))
+    self._check_step(None)
+    for s in reversed(self.all_steps()):
+      try:
+        return attempt(s)
+      except DamagedCheckpoint as e:
+        self.damaged.append(s)
+        moved = _move_aside(self.directory, s)
+        logging.warning("%s; %s, trying the previous step", e,
+                        f"moved to {moved}" if moved else "left in place")
+        print(f"warning: {e}; " + (f"moved to {moved}" if moved else "left in place")
+              + "; restoring the previous step", file=sys.stderr)
+    raise CheckpointError(f"every checkpoint in {self.directory} is damaged "
+                          f"(steps {self.damaged}); nothing to restore")
+
+  def restore(self, template, step=None, sharding=None, fallback: bool = False):
     """Restores into the structure of ``template`` (latest step when step is None).
 
     ``sharding`` places every array (e.g. replicated over the mesh); None keeps the
-    template's placement.
+    template's placement. ``fallback``: see the class docstring.
     """
-    step = self._check_step(step)
     target = flax.serialization.to_state_dict(template)
-    try:
-      restored = self.manager.restore(
-          step, args=ocp.args.StandardRestore(_abstract(target, sharding)))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(
-          f"checkpoint {self.directory} step {step} does not match the configured model "
-          f"({type(e).__name__}: {_first_line(e)})") from None
-    _check_shapes(target, restored, self.directory, step)
-    return flax.serialization.from_state_dict(template, restored)
 
-  def restore_params(self, params_template, step=None, sharding=None):
+    def attempt(s):
+      restored = self._restore_step(s, target, None, lambda s: self.manager.restore(
+          s, args=ocp.args.StandardRestore(_abstract(target, sharding))))
+      _check_shapes(target, restored, self.directory, s)
+      return flax.serialization.from_state_dict(template, restored)
+
+    return self._with_fallback(step, fallback, attempt)
+
+  def restore_params(self, params_template, step=None, sharding=None,
+                     fallback: bool = False):
     """(params, ema_params, step) of a checkpoint, without its optimizer state.
 
-    For starting a new run from another one (fine-tuning): the source may have used a
-    different optimizer; only the network must match ``params_template``.
+    For starting a new run from another one (fine-tuning) and for evaluation: the source
+    may have used a different optimizer; only the network must match ``params_template``.
     """
-    step = self._check_step(step)
     target = flax.serialization.to_state_dict(params_template)
     abstract = _abstract(target, sharding)
     item = {"params": abstract, "ema_params": abstract}
-    try:
-      restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
+
+    def restore(s):
+      return self.manager.restore(s, args=ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
           partial_restore=True))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(
-          f"checkpoint {self.directory} step {step} does not match the configured model "
-          f"({type(e).__name__}: {_first_line(e)})") from None
-    for key in ("params", "ema_params"):
-      _check_shapes(target, restored[key], self.directory, step)
-    return (flax.serialization.from_state_dict(params_template, restored["params"]),
-            flax.serialization.from_state_dict(params_template, restored["ema_params"]),
-            step)
+
+    def attempt(s):
+      restored = self._restore_step(s, target, ("params", "ema_params"), restore)
+      for key in ("params", "ema_params"):
+        _check_shapes(target, restored[key], self.directory, s)
+      return (flax.serialization.from_state_dict(params_template, restored["params"]),
+              flax.serialization.from_state_dict(params_template, restored["ema_params"]),
+              s)
+
+    return self._with_fallback(step, fallback, attempt)
 
   def close(self):
-    self.manager.close()
+    if not self.failed:  # after a failed save orbax's threads may never finish
+      self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_background_failures():
+  """While saving: orbax's background threads report a failed write with tracebacks (an
+  uncaught thread exception and absl errors); the failure reaches the caller as one
+  CheckpointError instead, so keep them off the console."""
+  absl_logger = logging.get_absl_logger()
+  level, hook = absl_logger.level, threading.excepthook
+  absl_logger.setLevel(std_logging.CRITICAL)
+  threading.excepthook = lambda args: None
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+    threading.excepthook = hook
+
+
+def _os_error(e: Exception) -> str:
+  """The OS error inside an exception chain, else its first line."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.strerror:
+      return f"{seen.strerror}" + (f" ({seen.filename})" if seen.filename else "")
+    seen = seen.__cause__ or seen.__context__
+  return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _move_aside(directory: str, step: int) -> str | None:
+  """Renames <directory>/<step> to <step>.damaged (process 0 only); returns the new path."""
+  if jax.process_index() != 0:
+    return None
+  source = os.path.join(directory, str(step))
+  target = source + ".damaged"
+  n = 1
+  while os.path.exists(target):
+    n += 1
+    target = f"{source}.damaged{n}"
+  try:
+    os.rename(source, target)
+  except OSError:
+    return None
+  return target
 
 
 def _check_shapes(target, restored, directory, step):
@@ -155,10 +300,11 @@ def _check_shapes(target, restored, directory, step):
     raise CheckpointError(f"checkpoint {directory} step {step} does not match the "
                           f"configured model ({len(got)} arrays, expected {len(want)})")
   for (path, w), g in zip(want, got):
-    if np.shape(w) != np.shape(g):
+    shape = tuple(g.shape) if hasattr(g, "shape") else np.shape(g)  # arrays or metadata
+    if tuple(np.shape(w)) != shape:
       raise CheckpointError(
           f"checkpoint {directory} step {step} does not match the configured model: "
-          f"{jax.tree_util.keystr(path)} has shape {np.shape(g)}, expected {np.shape(w)}")
+          f"{jax.tree_util.keystr(path)} has shape {shape}, expected {np.shape(w)}")
 
 
 # ----------------------------------------------------------------------------- restores
@@ -177,7 +323,7 @@ def restore_or_init(config, workdir: str, components: Components, optimizer,
     ckpt = Checkpointer(directory, create=False)
     try:
       if ckpt.latest_step() is not None:
-        state = ckpt.restore(abstract, sharding=sharding)
+        state = ckpt.restore(abstract, sharding=sharding, fallback=True)
         logging.info("resumed from step %d", int(state.step))
         return state, True
     finally:
@@ -204,8 +350,13 @@ def load_params(source: str, params_template, sharding=None):
     ckpt.close()
 
 
-def restore_ema_params(config, workdir: str, components: Components, step=None):
-  """(EMA params, step) of a checkpoint; CheckpointError if there is none or it mismatches."""
+def restore_ema_params(config, workdir: str, components: Components, step=None,
+                       damaged: list | None = None):
+  """(EMA params, step) of a checkpoint; CheckpointError if there is none or it mismatches.
+
+  With step None the latest intact checkpoint: damaged ones are moved aside (see
+  Checkpointer) and their steps appended to ``damaged`` when given.
+  """
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise CheckpointError(f"no checkpoints in {directory}: train first (--mode=train)")
@@ -213,13 +364,15 @@ def restore_ema_params(config, workdir: str, components: Components, step=None):
   try:
     template = jax.eval_shape(components.init_params, keys.root_key(config, "init"))
     template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    _, ema_params, step = ckpt.restore_params(template, step)
+    _, ema_params, step = ckpt.restore_params(template, step, fallback=True)
+    if damaged is not None:
+      damaged.extend(ckpt.damaged)
     return ema_params, step
   finally:
     ckpt.close()
 
 
-def restore_for_eval(config, workdir: str, step=None):
+def restore_for_eval(config, workdir: str, step=None, damaged: list | None = None):
   """(components, params, checkpoint step) of a finalized config, for evaluation/sampling.
 
   The U-Net restores the EMA params of a checkpoint in workdir (the latest when step is
@@ -232,5 +385,5 @@ def restore_for_eval(config, workdir: str, step=None):
     components = build(config, train_images=data.load_split(config.data, "train").images)
     return components, components.init_params(None), None
   components = build(config)
-  params, ckpt_step = restore_ema_params(config, workdir, components, step)
+  params, ckpt_step = restore_ema_params(config, workdir, components, step, damaged)
   return components, params, ckpt_step

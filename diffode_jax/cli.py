@@ -8,25 +8,33 @@ import sys
 from diffode_jax.errors import ConfigError, DiffodeError
 
 
-def dispatch(config, workdir: str, mode: str) -> int:
-  """Runs mode; returns the process exit status (1 for a user error)."""
+def dispatch(config, workdir: str, mode: str, explicit=None) -> int:
+  """Runs mode; returns the process exit status (1 for a user error).
+
+  ``explicit``: the dotted config fields set on the command line (None: all of them), so
+  a workdir's config.json can supply the rest of what defines its model.
+  """
   from diffode_jax import paths, run
 
   try:
+    workdir = paths.expand(workdir)
     paths.check_supported(workdir)
     if mode == "train":
-      row = run.train(config, workdir)
-      if row:
+      row = run.train(config, workdir, explicit)
+      if row.get("nothing_to_do"):
+        print(f"nothing to train: {workdir} is at step {row['step']} already "
+              f"(training.num_steps)")
+      elif row:
         print(json.dumps({"step": row["step"], "loss_bpd": row["loss"],
                           "sde_bpd": row["sde_bpd"]}))
     elif mode == "eval_bpd":
-      report = run.evaluate(config, workdir)
+      report = run.evaluate(config, workdir, explicit)
       print(f"{report['dataset']} {report['split']}: {report['bpd']:.4f} +- "
             f"{report['bpd_stderr']:.4f} bits/dim ({report['dequantization']}, "
             f"K={report['num_importance']}, {report['num_images']} images, "
             f"NFE {report['nfe_mean']:.0f}); sde_bpd {report['sde_bpd']:.4f}")
     elif mode == "sample":
-      out = run.sample(config, workdir)
+      out = run.sample(config, workdir, explicit)
       print(f"wrote {out}")
     else:
       raise ConfigError(f"unknown mode {mode!r}")

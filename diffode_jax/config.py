@@ -55,6 +55,7 @@ def finalize_config(config):
                       f"model.fourier_max ({config.model.fourier_max})")
   if config.model.arch not in ARCHS:
     raise ConfigError(f"unknown model.arch {config.model.arch!r}; expected one of {ARCHS}")
+  _check_positive_ints(config)
   t = config.training
   for name in ("eval_every", "eval_images"):
     value = t[name]
@@ -74,6 +75,100 @@ def finalize_config(config):
     raise ConfigError(str(e)) from None
   if config.model.second_order and config.model.parameterization != "velocity":
     raise ConfigError("model.second_order applies to the velocity parameterization")
+  return config
+
+
+# Integer fields that must be >= 1 (a 0 would divide by zero or draw nothing).
+POSITIVE_INTS = {
+    "model": ("channels", "num_blocks", "embed_dim", "num_groups"),
+    "eval": ("batch_size", "max_steps"),
+    "sample": ("num_samples", "batch_size", "max_steps"),
+}
+
+
+def _check_positive_ints(config) -> None:
+  for section, names in POSITIVE_INTS.items():
+    for name in names:
+      value = config[section][name]
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{section}.{name} must be an integer >= 1, got {value!r}")
+  n = config.eval.num_images
+  if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+    raise ConfigError(f"eval.num_images must be an integer >= 1 or None (the whole split), "
+                      f"got {n!r}")
+
+
+# What defines a trained model: a run resumed, evaluated or sampled takes these from the
+# workdir's config.json; a command line that sets one to another value is an error.
+MODEL_FIELDS = {
+    "model": ("arch", "schedule", "parameterization", "gamma_min", "gamma_max", "channels",
+              "num_blocks", "embed_dim", "attention", "num_groups", "fourier_features",
+              "fourier_min", "fourier_max", "base_measure_skip"),
+    "data": ("image_size", "image_width", "channels", "num_levels", "augment",
+             "reduce_bits"),
+}
+# Also fixed for a resumed training run: its data and data order, and what one step is.
+# (The objective and optimizer settings may change on resume, e.g. a lower learning rate.)
+RESUME_FIELDS = {
+    "seed": None,
+    "data": ("dataset", "folder", "holdout_fraction", "tfds_name", "tfds_train_split",
+             "tfds_image_key"),
+    "training": ("batch_size", "grad_accum_steps"),
+}
+# The split a model is evaluated on must be the one it was not trained on: an image folder
+# pool held out with another fraction (or seed-free hash) would score training images.
+SPLIT_FIELDS = {"data": ("holdout_fraction",)}
+
+
+def _fields(table):
+  for section, names in table.items():
+    if names is None:
+      yield section
+    else:
+      for name in names:
+        yield f"{section}.{name}"
+
+
+def _get(config, path):
+  node = config
+  for part in path.split("."):
+    node = node.get(part) if hasattr(node, "get") else None
+  return node
+
+
+def reconcile_with_workdir(config, saved, explicit=None, resume: bool = False):
+  """config with the fields that define saved's model (and, resuming, its run) taken from
+  ``saved`` (a workdir's finalized config.json).
+
+  ``explicit``: the dotted field names set on the command line (None: every field of
+  ``config`` counts as explicit, as for an in-process call). An explicit field whose value
+  differs from the workdir's raises ConfigError naming the field and both values; a field
+  not set explicitly silently takes the workdir's value. With ``data.folder`` unchanged,
+  ``data.holdout_fraction`` must match too (another fraction would evaluate training
+  images).
+  """
+  tables = [MODEL_FIELDS] + ([RESUME_FIELDS] if resume else [])
+  paths_to_check = [p for table in tables for p in _fields(table)]
+  if not resume and _get(config, "data.folder") == _get(saved, "data.folder") \
+      and _get(config, "data.dataset") == _get(saved, "data.dataset"):
+    paths_to_check += list(_fields(SPLIT_FIELDS))
+  config = copy.deepcopy(config)
+  for path in paths_to_check:
+    want, got = _get(saved, path), _get(config, path)
+    if want == got or (isinstance(want, float) and isinstance(got, float)
+                       and math.isclose(want, got, rel_tol=1e-12, abs_tol=0.0)):
+      continue
+    if explicit is None or path in explicit:
+      what = "resumed training run" if resume else "trained model"
+      raise ConfigError(f"{path}={got!r} contradicts the workdir's config.json ({want!r}), "
+                        f"which defines the {what}; drop the override or use another "
+                        f"workdir")
+    with config.unlocked():
+      section, _, name = path.rpartition(".")
+      if section:
+        config[section][name] = want
+      else:
+        config[name] = want
   return config
 
 

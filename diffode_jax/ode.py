@@ -116,6 +116,13 @@ class SolverConfig:
   def __post_init__(self):
     if self.solver not in SOLVERS:
       raise ValueError(f"unknown solver {self.solver!r}; expected one of {SOLVERS}")
+    for name in ("rtol", "atol"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"solver {name} must be a positive number, got {value!r}")
+    if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) \
+        or self.max_steps < 1:
+      raise ValueError(f"solver max_steps must be an integer >= 1, got {self.max_steps!r}")
 
 
 # The start time of the 8-bit default (tn at gamma_min = -2 log(3 * 256)): the solver

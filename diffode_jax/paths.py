@@ -27,6 +27,11 @@ def check_supported(workdir: str) -> None:
         "Cloud TPU VM, a bucket mounted with gcsfuse is one)")
 
 
+def expand(workdir: str) -> str:
+  """The workdir with a leading ~ expanded (the shell leaves --workdir=~/x alone)."""
+  return os.path.expanduser(workdir)
+
+
 def config_path(workdir: str) -> str:
   return os.path.join(workdir, "config.json")
 

@@ -44,6 +44,9 @@ def check_training_config(config_training) -> None:
                "checkpoint_every", "keep_checkpoints"):
     positive_int(name)
   positive_int("warmup_steps", minimum=0)
+  if not (isinstance(t.divergence_factor, (int, float)) and t.divergence_factor >= 0):
+    raise ValueError(f"training.divergence_factor must be >= 0 (0: off), got "
+                     f"{t.divergence_factor!r}")
   if not t.learning_rate > 0:
     raise ValueError(f"training.learning_rate must be positive, got {t.learning_rate!r}")
   if not 0.0 <= t.ema_decay <= 1.0:

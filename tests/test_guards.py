@@ -134,7 +134,14 @@ def test_checkpoint_of_another_architecture(tiny_config, tmp_path, capsys):
   wider.model.channels = 16
   for mode in ("eval_bpd", "train"):  # evaluating, or resuming training
     status, lines = _dispatch(wider, workdir, mode, capsys)
-    _assert_one_error_line(status, lines, "does not match the configured model")
+    _assert_one_error_line(status, lines, "model.channels=16 contradicts the workdir's "
+                           "config.json (8)")
+  # Without config.json (checkpoints copied alone) the restore itself names the array.
+  os.remove(workdir / "config.json")
+  for mode in ("eval_bpd", "train"):
+    status, lines = _dispatch(wider, workdir, mode, capsys)
+    _assert_one_error_line(status, lines, "does not match the configured model",
+                           "has shape")
 
 
 def _poisoning_train_step(real_make_train_step):

@@ -18,20 +18,33 @@ def progress(total: int, initial: int, desc: str):
 
 
 class StopSignal:
-  """Turns SIGTERM into a request to save and stop at the next step."""
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a request to save and stop at the next step.
+
+  A second Ctrl-C stops at once (KeyboardInterrupt), without saving.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._old = None
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._old = None
+    self._old = {}
+    for sig in self.SIGNALS:
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      self.restore()
+      raise KeyboardInterrupt
     self.requested = True
+    if signum == signal.SIGINT:
+      print("\nstopping: saving a checkpoint at the next step (Ctrl-C again to stop now)",
+            file=sys.stderr)
 
   def restore(self):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}

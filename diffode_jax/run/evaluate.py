@@ -12,23 +12,48 @@ import numpy as np
 from diffode_jax import data as data_lib
 from diffode_jax import keys, paths
 from diffode_jax.checkpoint import restore_for_eval
-from diffode_jax.config import eval_settings, finalize_config
+from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
 from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn
 from diffode_jax.report import bpd_report, run_fields
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.console import progress
+from diffode_jax.run.lock import WorkdirLock
 
 
-def evaluate(config, workdir: str) -> dict:
+def evaluate(config, workdir: str, explicit=None) -> dict:
   """bits/dim of the EMA params of the latest checkpoint (or the oracle) on eval.split.
 
-  Per-image rows are appended to eval/per_image.jsonl after every batch; a rerun with the
-  same settings keeps the finished batches and computes only the missing ones. Returns
-  the report written to eval/bpd.json.
+  What defines the model comes from the workdir's config.json (``explicit``: the fields
+  set on the command line, which may not contradict it; None: all of them). Per-image
+  rows are appended to eval/per_image.jsonl after every batch; a rerun whose every
+  row-changing field is the same (the header: model, checkpoint, settings, batch size,
+  seed, data) keeps the finished batches and computes only the missing ones. One
+  evaluation per workdir at a time (eval/.lock). Returns the report written to
+  eval/bpd.json.
   """
-  config = finalize_config(config)
-  components, params, ckpt_step = restore_for_eval(config, workdir)
+  config = model_config(config, workdir, explicit)
+  damaged = []
+  components, params, ckpt_step = restore_for_eval(config, workdir, damaged=damaged)
   workdir_lib.ensure(workdir)
+  lock = WorkdirLock(os.path.join(paths.eval_dir(workdir), ".lock"), "eval_bpd",
+                     enabled=jax.process_index() == 0)
+  with lock:
+    return _evaluate_locked(config, workdir, components, params, ckpt_step, damaged)
+
+
+def model_config(config, workdir: str, explicit=None):
+  """The finalized config with the fields that define the trained model taken from the
+  workdir's config.json, when it has one (``config.reconcile_with_workdir``)."""
+  config = finalize_config(config)
+  if config.model.arch == "oracle":
+    return config
+  saved = workdir_lib.saved_config(workdir)
+  if saved is None:
+    return config
+  return finalize_config(reconcile_with_workdir(config, saved, explicit))
+
+
+def _evaluate_locked(config, workdir, components, params, ckpt_step, damaged) -> dict:
   e = config.eval
   split = data_lib.load_split(config.data, e.split)
   images = split.images if e.num_images is None else split.images[:e.num_images]
@@ -38,6 +63,8 @@ def evaluate(config, workdir: str) -> dict:
   sde_fn = jax.jit(lambda p, k, key: components.loss_fn(p, k, key, False)[1].sde_nats())
 
   fields = run_fields(config, settings, components.schedule, ckpt_step, e.batch_size)
+  if damaged:
+    fields["damaged_checkpoints"] = sorted(damaged)
   data_fields = {"split": e.split, "dataset": split.name, "dataset_version": split.version}
   per_image = workdir_lib.PerImageRows(workdir)
   first_batch = per_image.start({**fields, **data_fields}, len(images), e.batch_size)

@@ -12,21 +12,23 @@ from absl import logging
 from diffode_jax import data as data_lib
 from diffode_jax import keys, paths
 from diffode_jax.checkpoint import restore_for_eval
-from diffode_jax.config import finalize_config, sample_settings
+from diffode_jax.config import sample_settings
 from diffode_jax.report import model_fields
 from diffode_jax.run import workdir as workdir_lib
+from diffode_jax.run.evaluate import model_config
 from diffode_jax.sampling import draw, image_grid, make_sample_fn
 
 
-def sample(config, workdir: str) -> str:
+def sample(config, workdir: str, explicit=None) -> str:
   """Draws config.sample.num_samples images; writes samples/grid.png, samples.npz, sample.json.
 
   Returns the path of grid.png. NFE per batch goes to samples.npz and sample.json.
   """
   from PIL import Image  # a dependency for the PNG grid only
 
-  config = finalize_config(config)
-  components, params, ckpt_step = restore_for_eval(config, workdir)
+  config = model_config(config, workdir, explicit)
+  damaged = []
+  components, params, ckpt_step = restore_for_eval(config, workdir, damaged=damaged)
   workdir_lib.ensure(workdir)
   s = config.sample
   settings = sample_settings(config)
@@ -49,7 +51,8 @@ def sample(config, workdir: str) -> str:
       "checkpoint_step": ckpt_step, **model_fields(config), "num_samples": len(images),
       "decode": settings.decode, "solver": settings.solver.solver,
       "rtol": settings.solver.rtol, "atol": settings.solver.atol,
-      "nfe_mean": float(np.mean(nfes)), "wall_time_s": wall})
+      "nfe_mean": float(np.mean(nfes)), "wall_time_s": wall,
+      **({"damaged_checkpoints": sorted(damaged)} if damaged else {})})
   logging.info("wrote %d samples to %s (NFE %.0f per batch)", len(images), out_dir,
                np.mean(nfes))
   return grid_path

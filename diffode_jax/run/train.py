@@ -4,6 +4,8 @@ and, every ``training.eval_every`` steps, the test bits/dim of the EMA params.""
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 
 import jax
@@ -14,36 +16,68 @@ from absl import logging
 from diffode_jax import data as data_lib
 from diffode_jax import keys, parallel, paths
 from diffode_jax.checkpoint import Checkpointer, restore_or_init
-from diffode_jax.config import eval_settings, finalize_config
-from diffode_jax.errors import ConfigError, DataError, TrainingError
+from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
+from diffode_jax.errors import ConfigError, DataError, TrainingError, WorkdirError
 from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, summarize
 from diffode_jax.model import build
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.console import StopSignal, progress
+from diffode_jax.run.guard import DivergenceGuard
+from diffode_jax.run.lock import WorkdirLock
 from diffode_jax.train_state import learning_rate_schedule, make_optimizer, make_train_step
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, explicit=None) -> dict:
   """Trains (or resumes) in workdir; returns the last logged metrics.
 
   Everything bad input can break (config values, device count, data, checkpoint
   compatibility, workdir permissions) is checked before the first file is written, so a
-  failed start leaves the workdir as it was. Rerunning resumes from the latest committed
-  checkpoint: batches and keys are functions of the step, so the continuation equals an
-  uninterrupted run; metrics.jsonl rows after the restored step are dropped.
+  failed start leaves the workdir as it was. Rerunning resumes from the latest intact
+  checkpoint (a damaged one is moved aside with a warning): batches and keys are
+  functions of the step, so the continuation equals an uninterrupted run; metrics.jsonl
+  rows after the restored step are dropped. A resumed run takes what defines its model
+  and data from the workdir's config.json; ``explicit`` (the dotted fields set on the
+  command line; None: all of them) may not contradict it (``config.reconcile_with_workdir``).
   ``training.init_from`` starts a new run (step 0, fresh optimizer, no EMA warm-up) from
   another run's params and EMA params; an existing checkpoint in workdir takes precedence.
+  One training run per workdir (``run/lock.py``); the divergence guard (``run/guard.py``)
+  stops a run whose loss leaves its running level, before saving it.
   """
   config = finalize_config(config)
   if config.model.arch == "oracle":
     raise ConfigError("model.arch='oracle' is closed-form and has nothing to train; "
                       "use --mode=eval_bpd or --mode=sample")
-  t = config.training
   workdir_lib.check_writable(workdir)
+  saved = workdir_lib.saved_config(workdir)  # refuses to overwrite a garbage config.json
+  if saved is not None and workdir_lib.has_checkpoint(workdir):
+    config = finalize_config(reconcile_with_workdir(config, saved, explicit, resume=True))
+  t = config.training
   parallel.check_batch(t.batch_size, "training.batch_size")
   train_data = parallel.chief_first(lambda: data_lib.load_split(config.data, "train"),
                                     "diffode_jax: data train prepared", (DataError,))
   components = build(config)
+  is_chief = jax.process_index() == 0
+  lock = WorkdirLock(os.path.join(workdir, ".train.lock"), "train", enabled=is_chief)
+  _acquire_on_chief(lock)
+  try:
+    return _train_locked(config, workdir, components, train_data, lock)
+  finally:
+    lock.release()
+
+
+def _acquire_on_chief(lock) -> None:
+  """Process 0 takes the lock; every process learns whether it could."""
+  error = None
+  try:
+    lock.acquire()
+  except WorkdirError as e:
+    error = e
+  if parallel.on_any_process(error is not None):
+    raise error or WorkdirError("the workdir is in use by another run (see process 0)")
+
+
+def _train_locked(config, workdir, components, train_data, lock) -> dict:
+  t = config.training
   mesh = parallel.make_mesh()
   replicated = parallel.replicated_sharding(mesh)
   optimizer = make_optimizer(t)
@@ -53,10 +87,21 @@ def train(config, workdir: str) -> dict:
   periodic_eval = make_periodic_eval(config, components) if t.eval_every and is_chief else None
 
   state, resumed = restore_or_init(config, workdir, components, optimizer, replicated)
-  parallel.sync("diffode_jax: checkpoints read")  # before any process creates checkpoints/
-  workdir_lib.ensure(workdir)
-  ckpt = Checkpointer(paths.checkpoint_dir(workdir), keep=t.keep_checkpoints)
   step = int(state.step)
+  if resumed and step > total:
+    raise ConfigError(f"training.num_steps={t.num_steps} is below the step of the latest "
+                      f"checkpoint ({step // accum} updates): nothing to train; raise "
+                      f"num_steps to continue")
+  if resumed and step == total:
+    logging.warning("the latest checkpoint is at training.num_steps=%d already", t.num_steps)
+    return {"step": step, "nothing_to_do": True}
+  parallel.sync("diffode_jax: checkpoints read")  # before any process creates checkpoints/
+  workdir_lib.ensure(workdir, subdirs=("checkpoints",))
+  lock.keep_directories()
+  history = workdir_lib.logged_losses(workdir, step) if resumed else {}
+  ckpt = Checkpointer(paths.checkpoint_dir(workdir), keep=t.keep_checkpoints,
+                      losses=_losses_at_checkpoints(history, workdir))
+  guard = DivergenceGuard(t.divergence_factor, history.values())
   if is_chief:
     workdir_lib.write_json(paths.config_path(workdir), config.to_dict())
     workdir_lib.truncate_metrics(workdir, step if resumed else 0)
@@ -72,6 +117,7 @@ def train(config, workdir: str) -> dict:
   writer = workdir_lib.MetricsWriter(workdir, bool(t.tensorboard)) if is_chief else None
   stop = StopSignal()
   last_saved = step if resumed else None
+  last_loss = history.get(step) if resumed else None
   pending, last_row = [], {}
   tic, tic_step = time.perf_counter(), step
   bar = progress(total, step, "train")
@@ -88,7 +134,8 @@ def train(config, workdir: str) -> dict:
       if at_log:
         row = _reduce(pending, step)
         pending = []
-        _check_finite(row, step, last_saved)
+        _check_row(row, step, last_saved, guard)
+        last_loss = row["loss"]
         now = time.perf_counter()
         row["steps_per_sec"] = (step - tic_step) / max(now - tic, 1e-9)
         row["learning_rate"] = float(lr_schedule(step // accum))
@@ -111,14 +158,18 @@ def train(config, workdir: str) -> dict:
           at_log and parallel.on_any_process(stop.requested))
       if step % t.checkpoint_every == 0 or step == total or stopping:
         if pending:
-          _check_finite(_reduce(pending, step), step, last_saved)
+          row = _reduce(pending, step)
+          _check_row(row, step, last_saved, guard)
+          last_loss = row["loss"]
         if not bool(_all_finite(state.params)):
           raise TrainingError(f"non-finite parameters at step {step}; stopped, the last "
                               f"good checkpoint ({_describe(last_saved)}) is kept")
-        ckpt.save(step, state)
+        ckpt.save(step, state, loss=last_loss)
         last_saved = step
         if stopping:
           logging.warning("stopped by signal at step %d after saving a checkpoint", step)
+          print(f"stopped by signal at step {step} after saving a checkpoint",
+                file=sys.stderr)
           break
   finally:
     bar.close()
@@ -127,6 +178,17 @@ def train(config, workdir: str) -> dict:
     if writer:
       writer.close()
   return last_row
+
+
+def _losses_at_checkpoints(history: dict, workdir: str) -> dict:
+  """step -> loss of the last row logged at or before it, for the saved checkpoints."""
+  steps = sorted(history)
+  out = {}
+  for s in workdir_lib.checkpoint_steps(workdir):
+    before = [h for h in steps if h <= s]
+    if before:
+      out[s] = history[before[-1]]
+  return out
 
 
 def make_periodic_eval(config, components):
@@ -174,9 +236,15 @@ def _reduce(pending, step):
   return row
 
 
-def _check_finite(row, step, last_saved):
+def _check_row(row, step, last_saved, guard):
+  """TrainingError for a non-finite metric or a loss the divergence guard rejects."""
   bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
   if bad:
     raise TrainingError(
         f"non-finite {', '.join(sorted(bad))} at step {step}; stopped, the last good "
+        f"checkpoint ({_describe(last_saved)}) is kept")
+  reason = guard.check(row["loss"])
+  if reason:
+    raise TrainingError(
+        f"diverged at step {step}: {reason}; stopped without saving, the last good "
         f"checkpoint ({_describe(last_saved)}) is kept")

@@ -34,16 +34,57 @@ def check_writable(workdir: str) -> None:
     raise WorkdirError(f"workdir {workdir!r} is not writable: {existing!r} is read-only")
 
 
-def ensure(workdir: str) -> None:
-  """Creates workdir and checks that this process can write a file into it."""
+def ensure(workdir: str, subdirs=()) -> None:
+  """Creates workdir and checks that this process can write a file into it and into each
+  of ``subdirs`` that exists (e.g. checkpoints/, which may be read-only on its own)."""
+  for directory in [workdir] + [os.path.join(workdir, d) for d in subdirs]:
+    if directory != workdir and not os.path.isdir(directory):
+      continue
+    try:
+      os.makedirs(directory, exist_ok=True)
+      probe = os.path.join(directory, f".write_test.{jax.process_index()}.{os.getpid()}")
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      raise WorkdirError(f"{directory!r} is not writable: {e.strerror}") from None
+
+
+def saved_config(workdir: str):
+  """The workdir's finalized config.json, or None if it has none.
+
+  A config.json that is not valid JSON raises WorkdirError (never overwritten: it may be
+  the only record of how the checkpoints were made).
+  """
+  from diffode_jax.config import read_workdir_config
+  from diffode_jax.errors import CheckpointError
+
+  if not os.path.exists(paths.config_path(workdir)):
+    return None
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
+    return read_workdir_config(workdir)
+  except CheckpointError as e:
+    raise WorkdirError(f"{e}; not overwriting it: move it away or use another "
+                       f"workdir") from None
+
+
+def checkpoint_steps(workdir: str) -> list:
+  """The committed checkpoint steps (folders named by an integer) in checkpoints/."""
+  directory = paths.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def has_checkpoint(workdir: str) -> bool:
+  return bool(checkpoint_steps(workdir))
+
+
+def logged_losses(workdir: str, up_to_step: int) -> dict:
+  """step -> logged training loss of metrics.jsonl rows up to ``up_to_step``."""
+  return {r["step"]: r["loss"] for r in read_jsonl(paths.metrics_path(workdir))
+          if isinstance(r, dict) and "loss" in r and isinstance(r.get("step"), int)
+          and r["step"] <= up_to_step}
 
 
 def write_json(path: str, obj) -> None:
