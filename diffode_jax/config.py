@@ -12,11 +12,10 @@ import copy
 import dataclasses
 import json
 import math
-import os
 
 import ml_collections
 
-from diffode_jax import ode, paths
+from diffode_jax import ode, paths, storage
 from diffode_jax.data import check_data_config
 from diffode_jax.errors import CheckpointError, ConfigError
 from diffode_jax.likelihood import EvalSettings
@@ -201,11 +200,10 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   a field this version needs (written by an older version) or holds a bad value.
   """
   path = paths.config_path(workdir)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise CheckpointError(f"no config.json in {workdir!r}: not a training workdir")
   try:
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.loads(storage.read_text(path)))
   except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
     raise CheckpointError(f"{path} is not a valid config.json ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:120]})") from None

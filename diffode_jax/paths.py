@@ -7,24 +7,25 @@
     <workdir>/eval/                  bpd.json and per_image.jsonl of --mode=eval_bpd
     <workdir>/samples/               grid.png, samples.npz, sample.json of --mode=sample
 
-Both the library (``api.load``, checkpoint restores) and the runner (``run/``) take their
-paths from here.
+A workdir is a local directory or a Cloud Storage prefix (``gs://bucket/run``); the files
+themselves are read and written through ``diffode_jax.storage``. Both the library
+(``api.load``, checkpoint restores) and the runner (``run/``) take their paths from here.
 """
 
 from __future__ import annotations
 
 import os
 
+from diffode_jax import storage
 from diffode_jax.errors import WorkdirError
 
 
 def check_supported(workdir: str) -> None:
-  """Raises WorkdirError for a URL workdir (gs://...): files here go through the local file
-  system, which would silently write a local folder named 'gs:' instead."""
-  if "://" in workdir:
-    raise WorkdirError(
-        f"workdir {workdir!r}: URL workdirs are not supported yet; use a local path (on a "
-        "Cloud TPU VM, a bucket mounted with gcsfuse is one)")
+  """Raises WorkdirError (one line naming the workdir) for a URL other than gs://, and for
+  a gs:// workdir whose bucket does not exist or cannot be read."""
+  reason = storage.unsupported(workdir) or storage.check_bucket(workdir)
+  if reason:
+    raise WorkdirError(f"workdir {workdir!r}: {reason}")
 
 
 def expand(workdir: str) -> str:
@@ -33,24 +34,24 @@ def expand(workdir: str) -> str:
 
 
 def config_path(workdir: str) -> str:
-  return os.path.join(workdir, "config.json")
+  return storage.join(workdir, "config.json")
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return storage.join(storage.absolute(workdir), "checkpoints")
 
 
 def metrics_path(workdir: str) -> str:
-  return os.path.join(workdir, "metrics.jsonl")
+  return storage.join(workdir, "metrics.jsonl")
 
 
 def tensorboard_dir(workdir: str) -> str:
-  return os.path.join(workdir, "tensorboard")
+  return storage.join(workdir, "tensorboard")
 
 
 def eval_dir(workdir: str) -> str:
-  return os.path.join(workdir, "eval")
+  return storage.join(workdir, "eval")
 
 
 def samples_dir(workdir: str) -> str:
-  return os.path.join(workdir, "samples")
+  return storage.join(workdir, "samples")

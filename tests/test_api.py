@@ -72,8 +72,8 @@ def test_load_errors_are_diffode_errors(tmp_path):
   (tmp_path / "config.json").write_text("{ not json")
   with pytest.raises(CheckpointError, match="not a valid config.json"):
     dj.load(str(tmp_path))
-  with pytest.raises(WorkdirError, match="URL workdirs"):
-    dj.load("gs://bucket/run")
+  with pytest.raises(WorkdirError, match="only local paths and gs:// URLs"):
+    dj.load("s3://bucket/run")
   for error in (CheckpointError, ConfigError, DataError, WorkdirError):
     assert issubclass(error, dj.DiffodeError) and issubclass(error, DiffodeError)
 

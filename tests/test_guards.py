@@ -101,11 +101,12 @@ def test_bad_image_folder(tiny_config, tmp_path, capsys, case, fragment):
 @pytest.mark.parametrize("mode", ["train", "eval_bpd", "sample"])
 def test_url_workdir_is_refused_not_written_locally(tiny_config, tmp_path, capsys,
                                                     monkeypatch, mode):
+  """URLs other than gs:// (which test_storage.py covers) are refused."""
   monkeypatch.chdir(tmp_path)
-  status = cli.dispatch(tiny_config, "gs://bucket/run", mode)
+  status = cli.dispatch(tiny_config, "s3://bucket/run", mode)
   lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
-  _assert_one_error_line(status, lines, "URL workdirs are not supported")
-  assert list(tmp_path.iterdir()) == []  # no local 'gs:' folder
+  _assert_one_error_line(status, lines, "only local paths and gs:// URLs are supported")
+  assert list(tmp_path.iterdir()) == []  # no local 's3:' folder
 
 
 def test_workdir_not_writable(tiny_config, tmp_path, capsys):

@@ -8,17 +8,20 @@ and are read in sorted order. Levels V = ``data.num_levels``, for files of b bit
 0..V-1 directly (e.g. 5-bit data saved as values 0..31, 12-bit data in 16-bit PNGs), or,
 with ``data.reduce_bits``, values p become floor(p V / 2^b) (Glow-style bit reduction;
 ``levels.as_levels``). Grey images give 1 channel, RGB 3; palette images are expanded to
-RGB. The version string is a fingerprint of the folder's file names and sizes.
+RGB. The version string is a fingerprint of the folder's file names and sizes. The folder
+may be local or in a bucket (``gs://``, through ``diffode_jax.storage``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import zlib
+from concurrent import futures
 
 import numpy as np
 
+from diffode_jax import storage
 from diffode_jax.data.levels import as_levels
 from diffode_jax.data.spec import image_shape, shape_fields
 from diffode_jax.errors import DataError
@@ -27,14 +30,10 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def folder_files(folder: str) -> list[str]:
-  """Image files under folder (recursively), as sorted paths relative to folder."""
-  found = []
-  for dirpath, dirnames, filenames in os.walk(folder):
-    dirnames.sort()
-    for n in filenames:
-      if n.lower().endswith(_IMAGE_SUFFIXES) and not n.startswith("."):
-        found.append(os.path.relpath(os.path.join(dirpath, n), folder))
-  return sorted(found)
+  """Image files under folder (recursively), as sorted '/'-separated paths relative to
+  folder."""
+  return [f for f in storage.walk_files(folder)
+          if f.lower().endswith(_IMAGE_SUFFIXES) and not f.rsplit("/", 1)[-1].startswith(".")]
 
 
 def is_held_out(relative_path: str, fraction: float) -> bool:
@@ -46,38 +45,34 @@ def is_held_out(relative_path: str, fraction: float) -> bool:
   return zlib.crc32(relative_path.encode("utf-8")) < fraction * 2**32
 
 
-def _png_bit_depth(path: str) -> int:
-  """The bit depth in a PNG file's IHDR chunk (0 if the file is not a readable PNG)."""
-  try:
-    with open(path, "rb") as f:
-      head = f.read(26)
-  except OSError:
-    return 0  # the reader below reports it
+def _png_bit_depth(head: bytes) -> int:
+  """The bit depth in a PNG file's IHDR chunk (0 if the bytes are not a readable PNG)."""
   if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
     return 0
   return head[24]
 
 
-def _read_png16(path: str) -> np.ndarray:
+def _read_png16(contents: bytes, path: str) -> np.ndarray:
   """A 16-bit PNG as (H, W, C) uint16 (Pillow would read 16-bit RGB as 8-bit, silently)."""
   import tensorflow as tf
 
-  with open(path, "rb") as f:
-    contents = f.read()
   try:
     return tf.io.decode_png(contents, dtype=tf.uint16).numpy()
   except tf.errors.OpError as e:
     raise DataError(f"cannot read image {path!r}: {e.message}") from None
 
 
-def read_image(path: str) -> np.ndarray:
-  """One image file as (H, W, C) uint8, or uint16 for a 16-bit PNG."""
+def read_image(path: str, contents: bytes | None = None) -> np.ndarray:
+  """One image file (its bytes, if already read) as (H, W, C) uint8, or uint16 for a
+  16-bit PNG."""
   from PIL import Image
 
-  if _png_bit_depth(path) == 16:
-    return _read_png16(path)
+  if contents is None:
+    contents = _read_bytes(path)
+  if _png_bit_depth(contents[:26]) == 16:
+    return _read_png16(contents, path)
   try:
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(contents)) as img:
       if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
       elif img.mode == "1":
@@ -91,16 +86,42 @@ def read_image(path: str) -> np.ndarray:
   return arr[..., None] if arr.ndim == 2 else arr
 
 
+def _read_bytes(path: str) -> bytes:
+  try:
+    return storage.read_bytes(path)
+  except OSError as e:
+    raise DataError(f"cannot read image {path!r}: {storage.describe(e)}") from None
+
+
+def _read_all(paths: list[str]):
+  """The bytes of every file, in order; a bucket's objects are fetched 16 at a time."""
+  if paths and storage.is_remote(paths[0]):
+    with futures.ThreadPoolExecutor(16) as pool:
+      yield from pool.map(_read_bytes, paths)
+  else:
+    yield from map(_read_bytes, paths)
+
+
 def load(config_data, split: str) -> tuple[np.ndarray, str]:
   """Images of one split of an image folder, and a version string naming its contents."""
   root = config_data.folder
   if not root:
     raise DataError("data.dataset=image_folder needs --config.data.folder=<dir>")
-  if not os.path.isdir(root):
+  problem = storage.unsupported(root) or storage.check_bucket(root)
+  if problem:
+    raise DataError(f"image folder {root!r}: {problem}")
+  try:
+    return _load(config_data, root, split)
+  except OSError as e:  # listing a folder (a bucket's error arrives as OSError)
+    raise DataError(f"image folder {root!r}: {storage.describe(e)}") from None
+
+
+def _load(config_data, root: str, split: str) -> tuple[np.ndarray, str]:
+  if not storage.isdir(root):
     raise DataError(f"image folder {root!r} does not exist")
-  if os.path.isdir(os.path.join(root, "train")):
-    folder = os.path.join(root, split)
-    if not os.path.isdir(folder):
+  if storage.isdir(storage.join(root, "train")):
+    folder = storage.join(root, split)
+    if not storage.isdir(folder):
       raise DataError(f"image folder {root!r} has train/ but no {split}/ subfolder")
     files = folder_files(folder)
   else:
@@ -116,9 +137,9 @@ def load(config_data, split: str) -> tuple[np.ndarray, str]:
   want = image_shape(config_data)
   images = None
   fingerprint = hashlib.sha1()
-  for i, rel in enumerate(files):
-    path = os.path.join(folder, rel)
-    arr = read_image(path)
+  paths = [storage.join(folder, rel) for rel in files]
+  for i, (rel, path, contents) in enumerate(zip(files, paths, _read_all(paths))):
+    arr = read_image(path, contents)
     if arr.shape != want:
       raise DataError(f"image {path!r} has shape {arr.shape}, the config expects {want} "
                       f"({shape_fields(config_data)})")
@@ -129,7 +150,7 @@ def load(config_data, split: str) -> tuple[np.ndarray, str]:
                       f"{8 * arr.dtype.itemsize}-bit pixels, {files[0]!r} "
                       f"{8 * images.dtype.itemsize}-bit")
     images[i] = arr
-    fingerprint.update(f"{rel}\0{os.path.getsize(path)}\0".encode())
+    fingerprint.update(f"{rel}\0{len(contents)}\0".encode())
   images, suffix = as_levels(images, config_data, f"image folder {folder!r}", "the files")
   version = f"folder:{len(files)}files:sha1-{fingerprint.hexdigest()[:12]}" + suffix
   return images, version

@@ -3,14 +3,13 @@ written to eval/per_image.jsonl batch by batch (resumable) and eval/bpd.json (SP
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import numpy as np
 
 from diffode_jax import data as data_lib
-from diffode_jax import keys, paths
+from diffode_jax import keys, paths, storage
 from diffode_jax.checkpoint import restore_for_eval
 from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
 from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn
@@ -35,7 +34,7 @@ def evaluate(config, workdir: str, explicit=None) -> dict:
   damaged = []
   components, params, ckpt_step = restore_for_eval(config, workdir, damaged=damaged)
   workdir_lib.ensure(workdir)
-  lock = WorkdirLock(os.path.join(paths.eval_dir(workdir), ".lock"), "eval_bpd",
+  lock = WorkdirLock(storage.join(paths.eval_dir(workdir), ".lock"), "eval_bpd",
                      enabled=jax.process_index() == 0)
   with lock:
     return _evaluate_locked(config, workdir, components, params, ckpt_step, damaged)
@@ -83,5 +82,5 @@ def _evaluate_locked(config, workdir, components, params, ckpt_step, damaged) ->
     bar.close()
 
   report = bpd_report(fields, per_image.rows, time.perf_counter() - start, **data_fields)
-  workdir_lib.write_json(os.path.join(paths.eval_dir(workdir), "bpd.json"), report)
+  workdir_lib.write_json(storage.join(paths.eval_dir(workdir), "bpd.json"), report)
   return report

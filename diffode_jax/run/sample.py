@@ -3,14 +3,14 @@ samples/grid.png, samples.npz and sample.json."""
 
 from __future__ import annotations
 
-import os
+import io
 import time
 
 import numpy as np
 from absl import logging
 
 from diffode_jax import data as data_lib
-from diffode_jax import keys, paths
+from diffode_jax import keys, paths, storage
 from diffode_jax.checkpoint import restore_for_eval
 from diffode_jax.config import sample_settings
 from diffode_jax.report import model_fields
@@ -41,13 +41,16 @@ def sample(config, workdir: str, explicit=None) -> str:
   wall = time.perf_counter() - start
 
   out_dir = paths.samples_dir(workdir)
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   grid = image_grid(images, components.num_levels)
-  grid_path = os.path.join(out_dir, "grid.png")
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(grid_path)
-  np.savez(os.path.join(out_dir, "samples.npz"), images=images, nfe=np.asarray(nfes),
-           num_levels=components.num_levels)
-  workdir_lib.write_json(os.path.join(out_dir, "sample.json"), {
+  grid_path = storage.join(out_dir, "grid.png")
+  png = io.BytesIO()
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png, format="PNG")
+  storage.write_bytes(grid_path, png.getvalue())
+  npz = io.BytesIO()
+  np.savez(npz, images=images, nfe=np.asarray(nfes), num_levels=components.num_levels)
+  storage.write_bytes(storage.join(out_dir, "samples.npz"), npz.getvalue())
+  workdir_lib.write_json(storage.join(out_dir, "sample.json"), {
       "checkpoint_step": ckpt_step, **model_fields(config), "num_samples": len(images),
       "decode": settings.decode, "solver": settings.solver.solver,
       "rtol": settings.solver.rtol, "atol": settings.solver.atol,

@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 
 from diffode_jax import data as data_lib
-from diffode_jax import keys, parallel, paths
+from diffode_jax import keys, parallel, paths, storage
 from diffode_jax.checkpoint import Checkpointer, restore_or_init
 from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
 from diffode_jax.errors import ConfigError, DataError, TrainingError, WorkdirError
@@ -57,7 +57,7 @@ def train(config, workdir: str, explicit=None) -> dict:
                                     "diffode_jax: data train prepared", (DataError,))
   components = build(config)
   is_chief = jax.process_index() == 0
-  lock = WorkdirLock(os.path.join(workdir, ".train.lock"), "train", enabled=is_chief)
+  lock = WorkdirLock(storage.join(workdir, ".train.lock"), "train", enabled=is_chief)
   _acquire_on_chief(lock)
   try:
     return _train_locked(config, workdir, components, train_data, lock)
@@ -164,6 +164,8 @@ def _train_locked(config, workdir, components, train_data, lock) -> dict:
         if not bool(_all_finite(state.params)):
           raise TrainingError(f"non-finite parameters at step {step}; stopped, the last "
                               f"good checkpoint ({_describe(last_saved)}) is kept")
+        if writer:  # the rows up to this step are stored before its checkpoint
+          writer.flush()
         ckpt.save(step, state, loss=last_loss)
         last_saved = step
         if stopping:

@@ -1,53 +1,61 @@
-"""Every file the runner writes in a workdir (layout: ``diffode_jax.paths``): the start-up
-checks, atomic JSON, metrics.jsonl (+ TensorBoard) and eval/per_image.jsonl rows.
+"""Every file the runner writes in a workdir (layout: ``diffode_jax.paths``; storage, local
+or gs://: ``diffode_jax.storage``): the start-up checks, atomic JSON, metrics.jsonl (+
+TensorBoard) and eval/per_image.jsonl rows.
 
 Nothing here is half-written by a kill: JSON files are replaced atomically, JSON-lines
-files are read back up to their last complete line.
+files are read back up to their last complete line (in a bucket, where objects cannot be
+appended, they are rewritten whole at each flush: ``storage.JsonLines``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import socket
+import struct
+import time
 
 import jax
 
-from diffode_jax import paths
+from diffode_jax import paths, storage
 from diffode_jax.errors import WorkdirError
+
+# In a bucket every flush of metrics.jsonl and of the TensorBoard events rewrites the whole
+# object, so they are flushed at most this often, and always before a checkpoint is saved
+# (a resumed run drops the rows after its checkpoint anyway) and at the end.
+REMOTE_FLUSH_SECONDS = 30.0
+_WRITERS = itertools.count()
 
 
 def check_writable(workdir: str) -> None:
   """Raises WorkdirError unless workdir is (or can be created as) a writable directory.
 
-  Changes nothing on disk; ``ensure`` then creates it and really writes.
+  Changes nothing; ``ensure`` then creates it and really writes. A gs:// workdir's bucket
+  must exist and be readable (whether it is writable, ``ensure``'s probe finds out).
   """
   paths.check_supported(workdir)
-  path = os.path.abspath(workdir)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise WorkdirError(f"workdir {workdir!r} is not a directory")
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise WorkdirError(f"workdir {workdir!r} is not writable: {existing!r} is a file")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise WorkdirError(f"workdir {workdir!r} is not writable: {existing!r} is read-only")
+  try:
+    reason = storage.directory_problem(workdir)
+  except OSError as e:
+    reason = f"cannot be checked: {storage.describe(e)}"
+  if reason:
+    raise WorkdirError(f"workdir {workdir!r} {reason}")
 
 
 def ensure(workdir: str, subdirs=()) -> None:
   """Creates workdir and checks that this process can write a file into it and into each
   of ``subdirs`` that exists (e.g. checkpoints/, which may be read-only on its own)."""
-  for directory in [workdir] + [os.path.join(workdir, d) for d in subdirs]:
-    if directory != workdir and not os.path.isdir(directory):
-      continue
+  for directory in [workdir] + [storage.join(workdir, d) for d in subdirs]:
     try:
-      os.makedirs(directory, exist_ok=True)
-      probe = os.path.join(directory, f".write_test.{jax.process_index()}.{os.getpid()}")
-      with open(probe, "w") as f:
-        f.write("ok")
-      os.remove(probe)
+      if directory != workdir and not storage.isdir(directory):
+        continue
+      storage.makedirs(directory)
+      probe = storage.join(directory, f".write_test.{jax.process_index()}.{os.getpid()}")
+      storage.write_text(probe, "ok")
+      storage.remove(probe)
     except OSError as e:
-      raise WorkdirError(f"{directory!r} is not writable: {e.strerror}") from None
+      raise WorkdirError(f"{directory!r} is not writable: {storage.describe(e)}") from None
 
 
 def saved_config(workdir: str):
@@ -59,7 +67,7 @@ def saved_config(workdir: str):
   from diffode_jax.config import read_workdir_config
   from diffode_jax.errors import CheckpointError
 
-  if not os.path.exists(paths.config_path(workdir)):
+  if not storage.exists(paths.config_path(workdir)):
     return None
   try:
     return read_workdir_config(workdir)
@@ -69,11 +77,17 @@ def saved_config(workdir: str):
 
 
 def checkpoint_steps(workdir: str) -> list:
-  """The committed checkpoint steps (folders named by an integer) in checkpoints/."""
+  """The committed checkpoint steps in checkpoints/: folders named by an integer (orbax
+  renames a local step into place when complete); in a bucket, those that hold orbax's
+  commit_success.txt (written last)."""
   directory = paths.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  steps = sorted(int(n) for n in storage.listdir(directory) if n.isdigit())
+  if storage.is_remote(directory):
+    steps = [s for s in steps
+             if storage.exists(storage.join(directory, str(s), "commit_success.txt"))]
+  return steps
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -88,42 +102,13 @@ def logged_losses(workdir: str, up_to_step: int) -> dict:
 
 
 def write_json(path: str, obj) -> None:
-  """Writes atomically (temp file + rename) so a kill never leaves half a file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Writes atomically (temp file + rename, or one object write) so a kill never leaves
+  half a file."""
+  storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def read_jsonl(path: str) -> list:
-  """The complete JSON lines of a file (a line cut by a kill, and anything after, dropped)."""
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        break
-  return rows
-
-
-def write_jsonl(path: str, rows) -> None:
-  """Replaces path with rows, one JSON object a line, atomically."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, path)
-
-
-def append_jsonl(path: str, rows) -> None:
-  with open(path, "a") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+read_jsonl = storage.read_jsonl
+write_jsonl = storage.write_jsonl
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -133,48 +118,91 @@ def truncate_metrics(workdir: str, step: int) -> None:
   """Drops metrics.jsonl rows after ``step`` (and a row cut by a kill): a resumed run
   rewrites them, so each step appears once."""
   path = paths.metrics_path(workdir)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return
   keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(row, dict) and row.get("step", 0) <= step:
-        keep.append(row)
+  for line in storage.read_text(path).splitlines(keepends=True):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and row.get("step", 0) <= step:
+      keep.append(row)
   write_jsonl(path, keep)
 
 
 class MetricsWriter:
-  """metrics.jsonl (appended, flushed per row) and TensorBoard scalars."""
+  """metrics.jsonl and TensorBoard scalars (``EventFile``), local or gs://.
+
+  Locally each row is flushed as it is written. In a bucket rows are flushed at most every
+  ``REMOTE_FLUSH_SECONDS``; ``flush`` forces it (before a checkpoint is saved), and so
+  does ``close``.
+  """
 
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.path = paths.metrics_path(workdir)
-    self.file = open(self.path, "a")
-    self.tb = None
-    if tensorboard:
-      try:
-        from flax.metrics import tensorboard as tb
-
-        self.tb = tb.SummaryWriter(paths.tensorboard_dir(workdir))
-      except ImportError:  # tensorboard not installed: metrics.jsonl only
-        self.tb = None
+    self.remote = storage.is_remote(workdir)
+    self.rows = storage.JsonLines(self.path)
+    storage.touch(self.path)  # metrics.jsonl exists from the start, rows or not
+    self._last_flush = time.monotonic()
+    self.tb = EventFile(paths.tensorboard_dir(workdir)) if tensorboard else None
 
   def write(self, row: dict) -> None:
-    self.file.write(json.dumps(row) + "\n")
-    self.file.flush()
+    self.rows.add([row])
     if self.tb:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)):
           self.tb.scalar(k, v, row["step"])
+    if not self.remote or time.monotonic() - self._last_flush >= REMOTE_FLUSH_SECONDS:
+      self.flush()
+
+  def flush(self) -> None:
+    self.rows.flush()
+    if self.tb:
       self.tb.flush()
+    self._last_flush = time.monotonic()
 
   def close(self) -> None:
-    self.file.close()
-    if self.tb:
-      self.tb.close()
+    self.flush()
+
+
+class EventFile:
+  """A TensorBoard event file of scalars, written through ``storage.GrowingFile`` (appended
+  locally, rewritten whole at each flush in a bucket), so it lands where the workdir is,
+  local or gs://, by the same code the rest of the workdir uses.
+
+  The format is tf.summary's: TFRecords (length, masked CRC-32C, data, masked CRC-32C) of
+  ``Event`` protos, the first naming the file version, then one scalar per event. The
+  protos and the checksum come from the tensorboard package, which needs no TensorFlow.
+  """
+
+  def __init__(self, directory: str):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    self._event_pb2, self._summary_pb2, self._crc = event_pb2, summary_pb2, masked_crc32c
+    storage.makedirs(directory)
+    # Like tf.summary's names; pid and a counter keep two writers of one second apart.
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}.{next(_WRITERS)}")
+    self.path = storage.join(directory, name)
+    self.file = storage.GrowingFile(self.path, existing=b"")
+    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    self.file.flush()
+
+  def _write(self, event) -> None:
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    self.file.add(header + struct.pack("<I", self._crc(header)) + data +
+                  struct.pack("<I", self._crc(data)))
+
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    summary = self._summary_pb2.Summary(
+        value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
+    self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def flush(self) -> None:
+    self.file.flush()
 
 
 # ----------------------------------------------------------------------------- per-image rows
@@ -187,17 +215,19 @@ class PerImageRows:
   the same header (a resumed evaluation) and rewrites the file with them: whole batches
   of ``batch_size`` only (batch b's rows depend on the header alone), and the last,
   shorter batch only if the earlier run had the same number of images (its noise has
-  the shape of that batch). ``add`` appends a finished batch.
+  the shape of that batch). ``add`` adds a finished batch (appended locally; in a bucket
+  the object is rewritten whole with it).
   """
 
   def __init__(self, workdir: str):
     self.directory = paths.eval_dir(workdir)
-    self.path = os.path.join(self.directory, "per_image.jsonl")
+    self.path = storage.join(self.directory, "per_image.jsonl")
     self.rows: list = []
+    self._file = None
 
   def start(self, header: dict, num_images: int, batch_size: int) -> int:
     """Returns the index of the first batch still to compute."""
-    os.makedirs(self.directory, exist_ok=True)
+    storage.makedirs(self.directory)
     lines = read_jsonl(self.path)
     done = []
     if lines and isinstance(lines[0], dict) and lines[0].get("header") == header:
@@ -213,8 +243,11 @@ class PerImageRows:
     return first_batch
 
   def _rewrite(self, header, num_images):
-    write_jsonl(self.path, [{"header": header, "num_images": num_images}] + self.rows)
+    lines = [{"header": header, "num_images": num_images}] + self.rows
+    write_jsonl(self.path, lines)
+    self._file = storage.JsonLines(self.path, existing_rows=lines)
 
   def add(self, rows: list) -> None:
-    append_jsonl(self.path, rows)
+    self._file.add(rows)
+    self._file.flush()
     self.rows.extend(rows)

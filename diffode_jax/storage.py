@@ -1,0 +1,350 @@
+"""The one path layer: every file diffode_jax reads or writes (workdir files, checkpoint
+sources, image folders) goes through here, on a local disk or in a Cloud Storage bucket
+(``gs://bucket/path``), with the same calls. Built on ``etils.epath``, which orbax uses
+for the checkpoints themselves.
+
+What differs between the two kinds of storage, and how it is hidden:
+
+* **Atomic writes.** Locally ``write_bytes`` writes a temporary file and renames it; a
+  Cloud Storage object write is atomic by itself (readers see the old object or the new
+  one), so it is written in place.
+* **No appends.** Objects cannot be appended (gcsfs' ``open('a')`` silently overwrites),
+  so a ``GrowingFile`` (and ``JsonLines``, its JSON rows) appends to a local file but
+  keeps the content and rewrites the whole object at each flush on ``gs://``.
+* **Directories** do not exist in a bucket: ``makedirs`` is a no-op there and ``isdir``
+  means "some object has this prefix".
+* **Errors.** Backend errors (gcsfs, google-auth) arrive as ``OSError`` with a readable
+  message (``describe``); a bucket that does not exist or cannot be read is found by
+  ``check_bucket`` before anything is written.
+
+The ``gs://`` backend is gcsfs (fsspec): importing this module sets ``EPATH_USE_TF=false``
+unless the environment says otherwise, so that epath (and orbax, which reads its
+checkpoint metadata through epath) use gcsfs rather than ``tf.io.gfile``: gcsfs is the
+backend the tests run against a Cloud Storage emulator, and it does not import TensorFlow.
+gcsfs' listing cache is off: another process (another host, a resumed run) may have
+written the bucket since the last listing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+from etils import epath  # noqa: E402
+
+REMOTE_PREFIX = "gs://"
+_URL_MARK = "://"
+
+
+def _configure_gcsfs() -> None:
+  try:
+    import fsspec.config
+  except ImportError:  # gcsfs (and fsspec) missing: describe() says what to install
+    return
+  fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+_configure_gcsfs()
+
+
+def is_remote(path) -> bool:
+  """Whether path is in a Cloud Storage bucket (``gs://``)."""
+  return os.fspath(path).startswith(REMOTE_PREFIX)
+
+
+def unsupported(path) -> str | None:
+  """Why path cannot be used (a URL other than gs://, or a gs:// URL without a bucket),
+  or None; the reason does not repeat the path."""
+  text = os.fspath(path)
+  if is_remote(text):
+    return None if bucket_of(text) else "names no bucket (expected gs://<bucket>/<path>)"
+  if _URL_MARK in text:
+    return ("only local paths and gs:// URLs are supported (a bucket of another cloud can "
+            "be mounted, e.g. with s3fs, and used as a local path)")
+  return None
+
+
+def bucket_of(path) -> str:
+  """The bucket name of a gs:// path ('' for a local path)."""
+  text = os.fspath(path)
+  if not is_remote(text):
+    return ""
+  return text[len(REMOTE_PREFIX):].split("/", 1)[0]
+
+
+def join(path, *parts) -> str:
+  """path/part/...: posix separators for gs://, the local convention otherwise."""
+  text = os.fspath(path)
+  parts = [os.fspath(p) for p in parts]
+  return posixpath.join(text, *parts) if is_remote(text) else os.path.join(text, *parts)
+
+
+def absolute(path) -> str:
+  """A local path made absolute, a gs:// path without trailing slashes."""
+  text = os.fspath(path)
+  if is_remote(text):
+    return text.rstrip("/") if len(text.rstrip("/")) > len(REMOTE_PREFIX) else text
+  return os.path.abspath(text)
+
+
+def basename(path) -> str:
+  text = os.fspath(path).rstrip("/")
+  return posixpath.basename(text) if is_remote(text) else os.path.basename(text)
+
+
+def dirname(path) -> str:
+  text = os.fspath(path).rstrip("/")
+  return posixpath.dirname(text) if is_remote(text) else os.path.dirname(text)
+
+
+def describe(error: BaseException) -> str:
+  """One line saying what went wrong in a storage call."""
+  if isinstance(error, ModuleNotFoundError) and error.name in ("gcsfs", "fsspec"):
+    return ("gs:// paths need gcsfs (pip install gcsfs; it is a dependency of "
+            "diffode_jax)")
+  text = getattr(error, "strerror", None) if isinstance(error, OSError) else None
+  if not text:
+    lines = [l.strip() for l in str(error).strip().splitlines() if l.strip()]
+    text = " ".join(lines[:2]) if lines else type(error).__name__
+  return text[:300]
+
+
+def _backend_error(error: Exception) -> bool:
+  """A failure of the gs:// client stack (anything but a bug of ours)."""
+  module = type(error).__module__ or ""
+  return module.split(".")[0] in ("gcsfs", "google", "aiohttp", "fsspec", "requests")
+
+
+class _Translate:
+  """Re-raises gs:// client errors (gcsfs' HttpError, google-auth errors, ...) as OSError,
+  so callers handle one kind of error for both storages."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if error is not None and not isinstance(error, OSError) and isinstance(error, Exception) \
+        and (_backend_error(error) or isinstance(error, ModuleNotFoundError)):
+      raise OSError(describe(error)) from error
+    return False
+
+
+def path(p) -> epath.Path:
+  return epath.Path(os.fspath(p))
+
+
+def exists(p) -> bool:
+  with _Translate():
+    return path(p).exists()
+
+
+def isdir(p) -> bool:
+  with _Translate():
+    return path(p).is_dir()
+
+
+def isfile(p) -> bool:
+  with _Translate():
+    return path(p).exists() and not path(p).is_dir()
+
+
+def listdir(p) -> list[str]:
+  """The names in a directory (FileNotFoundError if there is none)."""
+  with _Translate():
+    return sorted(child.name for child in path(p).iterdir())
+
+
+def walk_files(root) -> list[str]:
+  """Every file under root (recursively) as a sorted list of '/'-separated paths
+  relative to root."""
+  root_text = os.fspath(root).rstrip("/") or os.fspath(root)
+  # gcsfs' walk names directories without the gs:// prefix.
+  prefix = root_text[len(REMOTE_PREFIX):] if is_remote(root_text) else root_text
+  found = []
+  with _Translate():
+    for dirpath, _, filenames in path(root_text).walk():
+      here = os.fspath(dirpath).rstrip("/")
+      if is_remote(here):
+        here = here[len(REMOTE_PREFIX):]
+      rel_dir = here[len(prefix):].lstrip("/") if here.startswith(prefix) else ""
+      if not is_remote(root_text):
+        rel_dir = rel_dir.replace(os.sep, "/")
+      for name in filenames:
+        found.append(posixpath.join(rel_dir, name) if rel_dir else name)
+  return sorted(found)
+
+
+def makedirs(p) -> None:
+  """Creates a local directory and its parents; nothing to do in a bucket."""
+  if is_remote(p):
+    return
+  os.makedirs(os.fspath(p), exist_ok=True)
+
+
+def read_bytes(p) -> bytes:
+  with _Translate():
+    return path(p).read_bytes()
+
+
+def read_text(p) -> str:
+  return read_bytes(p).decode("utf-8")
+
+
+def write_bytes(p, data: bytes) -> None:
+  """Replaces p with data atomically: a reader (or a kill) never sees half of it.
+
+  Locally: a temporary file, then a rename. In a bucket an object write is atomic.
+  """
+  text = os.fspath(p)
+  with _Translate():
+    if is_remote(text):
+      path(text).write_bytes(data)
+      return
+  tmp = text + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, text)
+
+
+def write_text(p, text: str) -> None:
+  write_bytes(p, text.encode("utf-8"))
+
+
+def remove(p) -> None:
+  with _Translate():
+    path(p).unlink()
+
+
+def touch(p) -> None:
+  """Creates an empty file (object) at p unless there is one."""
+  if not exists(p):
+    with _Translate():
+      path(p).write_bytes(b"") if is_remote(p) else open(os.fspath(p), "a").close()
+
+
+def directory_problem(p) -> str | None:
+  """Why p cannot be (or be created as) a writable directory, as the end of a sentence
+  beginning with the path ("is not a directory", "is not writable: ..."), or None.
+  Changes nothing. In a bucket only an object in the directory's place is a problem (a
+  bucket without write permission is found by writing)."""
+  if is_remote(p):
+    return "is not a directory (it is an object)" if isfile(p) else None
+  full = os.path.abspath(os.fspath(p))
+  if os.path.exists(full) and not os.path.isdir(full):
+    return "is not a directory"
+  existing = full
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return f"is not writable: {existing!r} is a file"
+  if not os.access(existing, os.W_OK | os.X_OK):
+    return f"is not writable: {existing!r} is read-only"
+  return None
+
+
+def check_bucket(p) -> str | None:
+  """For a gs:// path: why its bucket cannot be used (does not exist, no permission,
+  unreachable), or None. Reads only (one listing). Local paths: None."""
+  if not is_remote(p):
+    return None
+  bucket = bucket_of(p)
+  try:
+    with _Translate():
+      found = path(REMOTE_PREFIX + bucket).exists()
+  except OSError as e:
+    reason = describe(e)
+    if "forbidden" in reason.lower() or "permission" in reason.lower() or "403" in reason:
+      return f"no permission to read bucket {bucket!r} ({reason})"
+    return f"cannot reach bucket {bucket!r} ({reason})"
+  if not found:
+    return f"bucket {bucket!r} does not exist"
+  return None
+
+
+# ----------------------------------------------------------------------------- growing files
+
+
+class GrowingFile:
+  """A file that only grows (a log: metrics.jsonl, eval/per_image.jsonl, TensorBoard
+  events). ``add`` queues bytes; ``flush`` makes everything added so far durable.
+
+  Locally the new bytes are appended (a kill can cut the last record: readers drop it).
+  In a bucket, where an object cannot be appended (gcsfs' ``open('a')`` silently
+  overwrites it), the whole content is kept in memory and the object is rewritten at each
+  flush, which is atomic: after a kill the object holds exactly what the last flush had.
+  """
+
+  def __init__(self, path_, existing: bytes | None = None):
+    """existing: what the file holds now, if the caller knows (a bucket's object is
+    otherwise read once here; a local file is never read)."""
+    self.path = os.fspath(path_)
+    self.remote = is_remote(self.path)
+    self._content = b""
+    if self.remote:
+      if existing is None:
+        existing = read_bytes(self.path) if exists(self.path) else b""
+      self._content = existing
+    self._pending: list[bytes] = []
+
+  def add(self, data: bytes) -> None:
+    self._pending.append(data)
+
+  def flush(self) -> None:
+    if not self._pending:
+      return
+    new = b"".join(self._pending)
+    if self.remote:
+      write_bytes(self.path, self._content + new)
+      self._content += new
+    else:
+      with open(self.path, "ab") as f:
+        f.write(new)
+    self._pending = []
+
+
+class JsonLines:
+  """A ``GrowingFile`` of JSON rows, one a line: every row once, in order, on both kinds
+  of storage."""
+
+  def __init__(self, path_, existing_rows=None):
+    """existing_rows: the file's rows, if the caller knows them (see GrowingFile)."""
+    existing = None
+    if is_remote(path_):  # its complete rows only
+      rows = read_jsonl(path_) if existing_rows is None else existing_rows
+      existing = _lines(rows)
+    self.file = GrowingFile(path_, existing)
+    self.path = self.file.path
+
+  def add(self, rows) -> None:
+    self.file.add(_lines(rows))
+
+  def flush(self) -> None:
+    self.file.flush()
+
+
+def _lines(rows) -> bytes:
+  return "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
+
+
+def read_jsonl(p) -> list:
+  """The complete JSON lines of a file (a line cut by a kill, and anything after, dropped);
+  [] if there is no file."""
+  if not exists(p):
+    return []
+  rows = []
+  for line in read_text(p).splitlines():
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      break
+  return rows
+
+
+def write_jsonl(p, rows) -> None:
+  """Replaces p with rows, one JSON object a line, atomically."""
+  write_bytes(p, _lines(rows))
