@@ -18,6 +18,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Every Cloud Storage client of this session (and of its subprocesses) talks to the local
+# emulator only, and finds no credentials or metadata server: set before any client
+# library is imported (google-auth reads some of these at import).
+import gcs_emulator  # noqa: E402
+
+gcs_emulator.apply_env()
+
 import pytest  # noqa: E402
 
 
@@ -27,3 +34,57 @@ def tiny_config():
   import tiny
 
   return tiny.config(tiny.FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """The session's Cloud Storage emulator on 127.0.0.1 (started on first use), with the
+  bucket ``gcs_emulator.BUCKET``; see tests/gcs_emulator.py."""
+  emulator = gcs_emulator.Emulator().start()
+  if not emulator.isolated:
+    import warnings
+
+    warnings.warn(f"gs:// subprocesses run without a network namespace: {emulator.reason}")
+  yield emulator
+  emulator.stop()
+
+
+class Storage:
+  """A fresh directory on one kind of storage: ``root`` (a str) and the ``prefix`` of the
+  commands that use it (the emulator's network namespace for gs://)."""
+
+  def __init__(self, kind: str, root: str, prefix=()):
+    self.kind, self.root, self.prefix = kind, root, list(prefix)
+
+  def __truediv__(self, name: str) -> str:
+    from diffode_jax import storage
+
+    return storage.join(self.root, name)
+
+  def __repr__(self):
+    return f"Storage({self.kind}: {self.root})"
+
+
+_ROOTS = iter(range(1 << 30))
+
+
+def _gs_root(request) -> Storage:
+  emulator = request.getfixturevalue("gcs")
+  name = f"{request.node.name}-{os.getpid()}-{next(_ROOTS)}"
+  for c in "[]/":
+    name = name.replace(c, "-")
+  return Storage("gs", f"gs://{gcs_emulator.BUCKET}/{name}", emulator.command_prefix())
+
+
+@pytest.fixture(params=["local", "gs"])
+def storage_root(request, tmp_path):
+  """The same test on a local directory and on a gs:// prefix of the emulator's bucket."""
+  if request.param == "local":
+    return Storage("local", str(tmp_path))
+  return _gs_root(request)
+
+
+@pytest.fixture
+def gs_root(request):
+  """A fresh gs:// prefix of the emulator's bucket."""
+  return _gs_root(request)

@@ -46,14 +46,17 @@ def main_command(workdir, *flags, mode="train", config="configs/digits.py") -> l
           f"--workdir={workdir}", f"--mode={mode}", *flags]
 
 
-def start(workdir, *flags, devices=1, mode="train", stderr=subprocess.PIPE):
-  return subprocess.Popen(main_command(workdir, *flags, mode=mode), cwd=REPO,
+def start(workdir, *flags, devices=1, mode="train", stderr=subprocess.PIPE, prefix=()):
+  """main.py in a subprocess; ``prefix`` goes before the command (e.g. the nsenter of the
+  Cloud Storage emulator's network namespace, ``conftest.Storage.prefix``)."""
+  return subprocess.Popen([*prefix, *main_command(workdir, *flags, mode=mode)], cwd=REPO,
                           env=env(devices), stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
-def run(workdir, *flags, devices=1, mode="train", timeout=240) -> subprocess.CompletedProcess:
-  return subprocess.run(main_command(workdir, *flags, mode=mode), cwd=REPO, env=env(devices),
-                        capture_output=True, text=True, timeout=timeout)
+def run(workdir, *flags, devices=1, mode="train", timeout=240,
+        prefix=()) -> subprocess.CompletedProcess:
+  return subprocess.run([*prefix, *main_command(workdir, *flags, mode=mode)], cwd=REPO,
+                        env=env(devices), capture_output=True, text=True, timeout=timeout)
 
 
 def finish(proc: subprocess.Popen, timeout=240) -> tuple[str, str]:
@@ -81,8 +84,11 @@ def free_port() -> int:
 
 
 def read_metrics(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(l) for l in f if l.strip()]
+  """metrics.jsonl's rows (local or gs://)."""
+  from diffode_jax import storage
+
+  text = storage.read_text(storage.join(os.fspath(workdir), "metrics.jsonl"))
+  return [json.loads(l) for l in text.splitlines() if l.strip()]
 
 
 def losses(workdir) -> dict[int, float]:
@@ -90,10 +96,17 @@ def losses(workdir) -> dict[int, float]:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  d = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(d):
+  """The committed checkpoint steps: a local step folder is renamed into place when
+  complete; in a bucket a step is committed once its commit_success.txt exists."""
+  from diffode_jax import storage
+
+  d = storage.join(os.fspath(workdir), "checkpoints")
+  if not storage.isdir(d):
     return []
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+  steps = sorted(int(n) for n in storage.listdir(d) if n.isdigit())
+  if storage.is_remote(d):
+    steps = [s for s in steps if storage.exists(storage.join(d, str(s), "commit_success.txt"))]
+  return steps
 
 
 def load_checkpoint(workdir, step=None) -> dict:
@@ -101,8 +114,9 @@ def load_checkpoint(workdir, step=None) -> dict:
   import orbax.checkpoint as ocp
 
   import jax
+  from diffode_jax import paths
 
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  manager = ocp.CheckpointManager(paths.checkpoint_dir(os.fspath(workdir)),
                                   options=ocp.CheckpointManagerOptions(create=False),
                                   item_handlers=ocp.StandardCheckpointHandler())
   try:
@@ -115,6 +129,31 @@ def load_checkpoint(workdir, step=None) -> dict:
   finally:
     manager.close()
   return jax.tree.map(np.asarray, restored)
+
+
+def read_scalars(workdir) -> dict:
+  """{tag: {step: value}} of every TensorBoard event file in workdir/tensorboard (local or
+  gs://), read by TensorBoard's own loader (which checks the records' checksums) from a
+  local copy."""
+  import tempfile
+
+  from tensorboard.backend.event_processing import event_file_loader
+  from tensorboard.compat.proto import event_pb2
+
+  from diffode_jax import storage
+
+  directory = storage.join(os.fspath(workdir), "tensorboard")
+  scalars = {}
+  with tempfile.TemporaryDirectory() as local:
+    for name in storage.listdir(directory):
+      copy = os.path.join(local, name)
+      with open(copy, "wb") as f:
+        f.write(storage.read_bytes(storage.join(directory, name)))
+      for record in event_file_loader.RawEventFileLoader(copy).Load():
+        event = event_pb2.Event.FromString(record)
+        for value in event.summary.value:
+          scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
