@@ -20,7 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports: a "
+                    "local path or a Cloud Storage prefix, gs://bucket/path.")
 flags.DEFINE_enum("mode", "train", ["train", "eval_bpd", "sample"], "What to run.")
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 flags.DEFINE_bool("distributed", False,

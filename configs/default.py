@@ -21,12 +21,12 @@ def get_config():
   data.image_width = ml_collections.config_dict.placeholder(int)  # None: square images
   data.channels = 3  # channels per pixel
   data.num_levels = 256  # V: integer levels per channel (256 for 8-bit images)
-  data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: tfds default)
+  data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir, local or gs:// (None: tfds default)
   data.tfds_name = ml_collections.config_dict.placeholder(str)  # dataset=tfds: e.g. mnist, svhn_cropped
   data.tfds_train_split = "train"  # dataset=tfds: any tfds split string, e.g. train[:90%]
   data.tfds_test_split = "test"  # dataset=tfds: the split eval_bpd reads
   data.tfds_image_key = "image"  # dataset=tfds: the image feature
-  data.folder = ml_collections.config_dict.placeholder(str)  # image_folder: train/ + test/, or a pool
+  data.folder = ml_collections.config_dict.placeholder(str)  # image_folder (local or gs://): train/ + test/, or a pool
   data.holdout_fraction = 0.0  # image_folder pool: fraction of the files held out as test
   data.reduce_bits = False  # folders and tfds, V < 2^b: b-bit p -> floor(p V / 2^b); False: data holds k < V
   data.manual_dir = ml_collections.config_dict.placeholder(str)  # imagenet32_new: dir of the 2 zips

@@ -102,7 +102,7 @@ def dirname(path) -> str:
 
 def describe(error: BaseException) -> str:
   """One line saying what went wrong in a storage call."""
-  if isinstance(error, ModuleNotFoundError) and error.name in ("gcsfs", "fsspec"):
+  if isinstance(error, ImportError) and "gcsfs" in f"{error.name} {error}":
     return ("gs:// paths need gcsfs (pip install gcsfs; it is a dependency of "
             "diffode_jax)")
   text = getattr(error, "strerror", None) if isinstance(error, OSError) else None
@@ -127,7 +127,7 @@ class _Translate:
 
   def __exit__(self, kind, error, tb):
     if error is not None and not isinstance(error, OSError) and isinstance(error, Exception) \
-        and (_backend_error(error) or isinstance(error, ModuleNotFoundError)):
+        and (_backend_error(error) or isinstance(error, ImportError)):
       raise OSError(describe(error)) from error
     return False
 

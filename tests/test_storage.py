@@ -179,12 +179,46 @@ class _Forbidden(http.server.BaseHTTPRequestHandler):
     pass
 
 
+class _ReadOnly(_Forbidden):
+  """The emulator for reads (GET is passed on), 403 for every write: a caller that may
+  list and read the bucket but not create objects in it."""
+
+  def do_GET(self):
+    import urllib.error
+    import urllib.request
+
+    try:
+      response = urllib.request.urlopen(gcs_emulator.URL + self.path, timeout=10)
+    except urllib.error.HTTPError as e:
+      response = e
+    body = response.read()
+    self.send_response(response.status if hasattr(response, "status") else response.code)
+    for name in ("Content-Type", "Content-Range", "ETag", "X-Goog-Generation"):
+      if response.headers.get(name):
+        self.send_header(name, response.headers[name])
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+
+def _serve(monkeypatch, handler):
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+  return server
+
+
+@pytest.fixture
+def read_only_endpoint(gcs, monkeypatch):
+  server = _serve(monkeypatch, _ReadOnly)
+  yield
+  server.shutdown()
+  server.server_close()
+
+
 @pytest.fixture
 def forbidding_endpoint(monkeypatch):
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Forbidden)
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
-  thread.start()
-  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+  server = _serve(monkeypatch, _Forbidden)
   yield
   server.shutdown()
   server.server_close()
@@ -231,6 +265,15 @@ def test_bucket_without_permission_is_one_line(gcs, tiny_config, capsys, tmp_pat
     dj.load(workdir)
 
 
+def test_bucket_without_write_permission_is_one_line_before_training(
+    gs_root, tiny_config, capsys, read_only_endpoint):
+  workdir = gs_root / "run"
+  _one_line(capsys, cli.dispatch(tiny_config, workdir, "train"), f"workdir {workdir!r}",
+            "is not writable", "Forbidden")
+  assert not storage.exists(workdir)
+
+
 def test_other_urls_are_refused():
   with pytest.raises(WorkdirError, match="only local paths and gs:// URLs"):
     dj.load("s3://bucket/run")
+
