@@ -220,9 +220,12 @@ def remove(p) -> None:
 
 def touch(p) -> None:
   """Creates an empty file (object) at p unless there is one."""
-  if not exists(p):
-    with _Translate():
-      path(p).write_bytes(b"") if is_remote(p) else open(os.fspath(p), "a").close()
+  if exists(p):
+    return
+  if is_remote(p):
+    write_bytes(p, b"")
+  else:
+    open(os.fspath(p), "a").close()
 
 
 def directory_problem(p) -> str | None:
