@@ -10,15 +10,17 @@ different architecture is reported as a mismatch instead of loading garbage.
 Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>/`` and renames it
 to ``<step>/`` only when every file (of every host) is written. A kill during a save
 leaves a temporary folder that ``latest_step`` ignores (the previous step stays the
-latest) and that the next training run deletes. Every process calls ``save``; orbax
-writes replicated arrays from the primary host only.
+latest) and that the next training run deletes. In a gs:// bucket (no renames) orbax
+writes ``<step>/`` in place and commits it by writing ``commit_success.txt`` last; a step
+without it is ignored the same way and deleted the same way. Every process calls
+``save``; orbax writes replicated arrays from the primary host only. Paths, local or
+gs://, go through ``diffode_jax.storage``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging as std_logging
-import os
 import sys
 import threading
 
@@ -151,7 +153,7 @@ class Checkpointer:
 
   def _saved_tree(self, step):
     """The saved array metadata tree of a step (DamagedCheckpoint if unreadable)."""
-    path = os.path.join(self.directory, str(step), "default")
+    path = storage.join(self.directory, str(step), "default")
     absl_logger = logging.get_absl_logger()
     level = absl_logger.level
     absl_logger.setLevel(std_logging.ERROR)  # orbax warns that the step's metadata is one up
@@ -281,14 +283,14 @@ def _move_aside(directory: str, step: int) -> str | None:
   """Renames <directory>/<step> to <step>.damaged (process 0 only); returns the new path."""
   if jax.process_index() != 0:
     return None
-  source = os.path.join(directory, str(step))
+  source = storage.join(directory, str(step))
   target = source + ".damaged"
   n = 1
-  while os.path.exists(target):
-    n += 1
-    target = f"{source}.damaged{n}"
   try:
-    os.rename(source, target)
+    while storage.exists(target):
+      n += 1
+      target = f"{source}.damaged{n}"
+    storage.rename(source, target)
   except OSError:
     return None
   return target

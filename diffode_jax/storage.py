@@ -218,6 +218,70 @@ def remove(p) -> None:
     path(p).unlink()
 
 
+def create_exclusive(p, data: bytes) -> bool:
+  """Creates p holding data unless it exists (then False), atomically: of two callers
+  at once exactly one wins. Locally O_CREAT | O_EXCL; in a bucket a conditional upload
+  (ifGenerationMatch=0)."""
+  text = os.fspath(p)
+  if is_remote(text):
+    with _Translate():
+      import fsspec
+
+      try:
+        fsspec.filesystem("gcs").pipe_file(text, data, mode="create")
+      except FileExistsError:
+        return False
+      return True
+  try:
+    fd = os.open(text, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, "wb") as f:
+    f.write(data)
+  return True
+
+
+def mtime(p) -> float:
+  """When p was last modified (seconds since the epoch; whole seconds in a bucket)."""
+  if is_remote(p):
+    with _Translate():
+      return float(path(p).stat().mtime)
+  return os.path.getmtime(os.fspath(p))
+
+
+def refresh(p) -> None:
+  """Sets p's modification time to now (in a bucket by rewriting the object)."""
+  if is_remote(p):
+    write_bytes(p, read_bytes(p))
+  else:
+    os.utime(os.fspath(p))
+
+
+def missing_parents(p) -> list[str]:
+  """The local folders makedirs(p) would create, deepest first ([] in a bucket, which has
+  no folders)."""
+  if is_remote(p):
+    return []
+  out, current = [], os.path.abspath(os.fspath(p))
+  while not os.path.exists(current):
+    out.append(current)
+    current = os.path.dirname(current)
+  return out
+
+
+def rmdir(p) -> None:
+  """Removes an empty local folder (OSError if it is not empty); nothing in a bucket."""
+  if not is_remote(p):
+    os.rmdir(os.fspath(p))
+
+
+def rename(source, target) -> None:
+  """Moves a file or a directory (in a bucket: every object under it, copied then deleted,
+  so not atomic there)."""
+  with _Translate():
+    path(source).rename(os.fspath(target))
+
+
 def touch(p) -> None:
   """Creates an empty file (object) at p unless there is one."""
   if exists(p):

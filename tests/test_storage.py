@@ -115,6 +115,49 @@ def test_per_image_rows_resume_keeps_whole_batches(storage_root):
   assert lines[0]["header"] == header and lines[1:] == rows
 
 
+def test_workdir_lock_refuses_a_live_holder_and_takes_over_a_dead_one(storage_root, capsys):
+  import subprocess
+  import socket
+
+  from diffode_jax.run.lock import WorkdirLock
+
+  path = storage_root / "eval/.lock"
+  with WorkdirLock(path, "eval_bpd"):
+    assert json.loads(storage.read_text(path))["pid"] == os.getpid()
+    with pytest.raises(WorkdirError, match="in use by another eval_bpd"):
+      WorkdirLock(path, "eval_bpd").acquire()
+  assert not storage.exists(path)
+  storage.makedirs(storage.dirname(path))  # (the lock removed the eval/ it had created)
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  storage.write_text(path, json.dumps({"host": socket.gethostname(), "pid": gone.pid,
+                                       "mode": "eval_bpd", "since": "earlier"}))
+  with WorkdirLock(path, "eval_bpd"):  # its holder is dead: taken over
+    assert "stale lock" in capsys.readouterr().err
+  assert not storage.exists(path)
+
+
+def test_damaged_checkpoint_is_moved_aside_and_the_previous_step_restored(storage_root):
+  from diffode_jax.checkpoint import Checkpointer
+
+  directory = storage_root / "checkpoints"
+  state = lambda v: {"w": np.full((8, 8), v, np.float32), "step": np.asarray(int(v))}
+  ckpt = Checkpointer(directory)
+  ckpt.save(1, state(1.0))
+  ckpt.save(2, state(2.0))
+  ckpt.close()
+  metadata = [f for f in storage.walk_files(storage.join(directory, "2"))
+              if f.rsplit("/", 1)[-1] == "_METADATA"]  # the pytree's metadata
+  target = storage.join(directory, "2", metadata[0])
+  storage.write_bytes(target, storage.read_bytes(target)[:10])  # cut by a failing disk
+  reader = Checkpointer(directory, create=False)
+  restored = reader.restore(state(0.0), fallback=True)
+  reader.close()
+  assert int(restored["step"]) == 1 and reader.damaged == [2]
+  assert "2.damaged" in storage.listdir(directory)
+  assert storage.listdir(storage.join(directory, "2.damaged"))  # kept for inspection
+
+
 def _png_bytes(array) -> bytes:
   from PIL import Image
 
@@ -268,7 +311,7 @@ def test_bucket_without_permission_is_one_line(gcs, tiny_config, capsys, tmp_pat
 def test_bucket_without_write_permission_is_one_line_before_training(
     gs_root, tiny_config, capsys, read_only_endpoint):
   workdir = gs_root / "run"
-  _one_line(capsys, cli.dispatch(tiny_config, workdir, "train"), f"workdir {workdir!r}",
+  _one_line(capsys, cli.dispatch(tiny_config, workdir, "train"), f"{workdir!r}",
             "is not writable", "Forbidden")
   assert not storage.exists(workdir)
 

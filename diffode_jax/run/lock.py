@@ -6,7 +6,8 @@ The file holds the holder's host, pid, mode and start time, and its modification
 refreshed every ``HEARTBEAT_S`` seconds. A lock is stale, and is taken over with a
 warning, when its holder runs on this host and that pid is gone, or when it has not been
 refreshed for ``STALE_S`` seconds (a holder on another host of a shared disk that died).
-Created with O_EXCL, so two starting runs cannot both win.
+Created exclusively (O_EXCL locally, a conditional upload in a gs:// bucket:
+``storage.create_exclusive``), so two starting runs cannot both win.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 
+from diffode_jax import storage
 from diffode_jax.errors import WorkdirError
 
 HEARTBEAT_S = 10.0
@@ -34,15 +36,6 @@ def _alive(pid: int) -> bool:
   return True
 
 
-def _missing_parents(directory: str) -> list:
-  """The folders makedirs(directory) would create, deepest first."""
-  out, path = [], os.path.abspath(directory)
-  while not os.path.exists(path):
-    out.append(path)
-    path = os.path.dirname(path)
-  return out
-
-
 class WorkdirLock:
   """Context manager: acquire on enter (WorkdirError if held), release on exit."""
 
@@ -56,8 +49,7 @@ class WorkdirLock:
 
   def _holder(self):
     try:
-      with open(self.path) as f:
-        return json.load(f)
+      return json.loads(storage.read_text(self.path))
     except (OSError, ValueError):
       return None
 
@@ -65,7 +57,7 @@ class WorkdirLock:
     if holder is None:
       return True
     try:
-      age = time.time() - os.path.getmtime(self.path)
+      age = time.time() - storage.mtime(self.path)
     except OSError:
       return True
     if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
@@ -75,32 +67,32 @@ class WorkdirLock:
   def acquire(self):
     if not self.enabled:
       return self
-    directory = os.path.dirname(self.path) or "."
-    self._created = [] if os.path.isdir(directory) else _missing_parents(directory)
-    os.makedirs(directory, exist_ok=True)
+    directory = storage.dirname(self.path) or "."
+    self._created = storage.missing_parents(directory)
+    storage.makedirs(directory)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "mode": self.mode,
           "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(2):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+        created = storage.create_exclusive(self.path, json.dumps(me).encode())
+      except OSError as e:  # e.g. a bucket that may be read but not written
+        raise WorkdirError(f"{directory!r} is not writable: {storage.describe(e)}") from None
+      if not created:
         holder = self._holder()
         if not self._stale(holder):
           h = holder or {}
           raise WorkdirError(
-              f"{os.path.dirname(self.path)} is in use by another {h.get('mode', 'run')} "
+              f"{storage.dirname(self.path)} is in use by another {h.get('mode', 'run')} "
               f"(pid {h.get('pid')} on {h.get('host')} since {h.get('since')}; lock file "
               f"{self.path}); wait for it to finish, or delete the lock file if that "
               f"process is gone") from None
         print(f"warning: taking over the stale lock {self.path} of pid "
               f"{(holder or {}).get('pid')} on {(holder or {}).get('host')}", file=sys.stderr)
         try:
-          os.remove(self.path)
+          storage.remove(self.path)
         except FileNotFoundError:
           pass
         continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
       self._held = True
       self._thread = threading.Thread(target=self._beat, daemon=True)
       self._thread.start()
@@ -110,7 +102,7 @@ class WorkdirLock:
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):
       try:
-        os.utime(self.path)
+        storage.refresh(self.path)
       except OSError:
         return
 
@@ -119,12 +111,12 @@ class WorkdirLock:
     if self._held:
       self._held = False
       try:
-        os.remove(self.path)
+        storage.remove(self.path)
       except OSError:
         pass
     for directory in getattr(self, "_created", []):  # a failed start leaves no new folder
       try:
-        os.rmdir(directory)
+        storage.rmdir(directory)
       except OSError:
         break
 

@@ -4,7 +4,6 @@ and, every ``training.eval_every`` steps, the test bits/dim of the EMA params.""
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 
