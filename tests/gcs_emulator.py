@@ -25,6 +25,7 @@ Run as a script (``python gcs_emulator.py serve PORT ROOT``) this file is that h
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -48,7 +49,8 @@ def _free_port() -> int:
 
 PORT = _free_port()
 URL = f"http://127.0.0.1:{PORT}"
-_CLOUDSDK_CONFIG = tempfile.mkdtemp(prefix="diffode_jax_no_gcloud_")
+_CLOUDSDK_CONFIG = tempfile.mkdtemp(prefix="diffode_jax_no_gcloud_")  # empty: no gcloud login
+atexit.register(shutil.rmtree, _CLOUDSDK_CONFIG, ignore_errors=True)
 
 ENV = {
     "STORAGE_EMULATOR_HOST": URL,
