@@ -39,6 +39,10 @@ def get_config():
   model.num_blocks = 32  # ResNet blocks on the down path (the up path has one more)
   model.embed_dim = 512  # width of the time-embedding MLP
   model.attention = True  # single-head self-attention in the middle block
+  model.block_attention = False  # also after every down and up ResNet block (official cifar10_aug)
+  model.cond_input = "onehot"  # onehot: augmentation one-hot added to the time embedding | scalar: official, a flag concatenated before the first dense layer
+  model.time_proj = "dense"  # ResNet blocks' time projection: dense (bias) | zero_no_bias (official)
+  model.time_embedding = "native"  # native | official: floating-point order of the sinusoidal frequencies
   model.dropout = 0.1  # dropout rate inside the ResNet blocks
   model.num_groups = 32  # GroupNorm groups (gcd with the channel count is used)
   model.fourier_features = True  # append Fourier features of the input

@@ -18,7 +18,7 @@ from diffode_jax import augmentation, ode
 from diffode_jax.data import check_data_config, image_shape
 from diffode_jax.likelihood import EvalSettings
 from diffode_jax.losses import LossConfig, make_loss_fn
-from diffode_jax.networks import make_network
+from diffode_jax.networks import check_network_config, layout, make_network
 from diffode_jax.oracle import oracle_net
 from diffode_jax.parameterization import Parameterization, make_parameterization
 from diffode_jax.sampling import sample_settings
@@ -55,6 +55,7 @@ def finalize_config(config):
     raise ConfigError(f"unknown model.arch {config.model.arch!r}; expected one of {ARCHS}")
   try:
     check_data_config(config.data)
+    check_network_config(config.model)
     check_training_config(config.training)
     schedule = make_schedule(config.model)
     make_parameterization(config.model, schedule)
@@ -109,19 +110,32 @@ def unet_net_fn(config):
   shape = (1,) + image_shape(config.data)
 
   conditioned = bool(config.data.augment)  # the augmentation index is an input
+  # The official input: one scalar per example, always present (0 unless augmented).
+  scalar = layout(config.model, "cond_input") == "scalar"
 
   def init_params(key):
-    cond = augmentation.identity_cond(1) if conditioned else None
+    if scalar:
+      cond = jnp.zeros((1,), jnp.float32)
+    else:
+      cond = augmentation.identity_cond(1) if conditioned else None
     return network.init({"params": key}, jnp.zeros(shape, jnp.float32),
                         jnp.zeros((1,), jnp.float32), train=False, cond=cond)["params"]
 
   def net_fn(params, x, gamma, dropout_key, train, cond=None):
-    """cond: (B, 8) augmentation one-hot; None means the identity (untransformed data)."""
-    if conditioned and cond is None:
+    """cond: (B, 8) augmentation one-hot; None means the identity (untransformed data).
+
+    With model.cond_input 'scalar' the network sees the official flag instead: 1 for a
+    transformed image, 0 for an untransformed one (and always 0 without augmentation).
+    """
+    if scalar:
+      cond = (jnp.zeros(x.shape[:1], x.dtype) if cond is None
+              else augmentation.transformed_flag(cond))
+    elif conditioned and cond is None:
       cond = augmentation.identity_cond(x.shape[0])
+    elif not conditioned:
+      cond = None
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
-    return network.apply({"params": params}, x, gamma, train=train, rngs=rngs,
-                         cond=cond if conditioned else None)
+    return network.apply({"params": params}, x, gamma, train=train, rngs=rngs, cond=cond)
 
   return init_params, net_fn
 
