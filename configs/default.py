@@ -60,8 +60,9 @@ def get_config():
   training.b1 = 0.9  # AdamW beta1
   training.b2 = 0.99  # AdamW beta2
   training.eps = 1e-8  # AdamW epsilon
-  training.weight_decay = 0.01  # AdamW decoupled weight decay (not on biases / norms)
-  training.grad_clip = 1.0  # clip the global gradient norm (0: off)
+  training.weight_decay = 0.01  # AdamW decoupled weight decay, on the parameters weight_decay_mask names
+  training.weight_decay_mask = "kernels"  # kernels (not biases / norm scales) | all_but_biases (official: GroupNorm scales decayed)
+  training.grad_clip = 1.0  # clip the global gradient norm (0: off; the reference configs: 0, as the official code)
   training.ema_decay = 0.9999  # EMA of parameters used for evaluation
   training.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
   training.grad_accum_steps = 1  # micro-batches per update (optax.MultiSteps)
@@ -73,6 +74,7 @@ def get_config():
   training.checkpoint_every = 5000  # steps between checkpoints
   training.keep_checkpoints = 3  # checkpoints kept on disk
   training.init_from = ""  # workdir or checkpoint dir to start a new run from ("" : none)
+  training.init_from_optimizer = False  # init_from also carries the Adam moments and count (official fine-tune)
   training.eval_every = 0  # steps between test bits/dim evaluations during training (0: off)
   training.eval_images = 128  # test images used by those evaluations
 

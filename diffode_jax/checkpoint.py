@@ -136,6 +136,30 @@ class Checkpointer:
             flax.serialization.from_state_dict(params_template, restored["ema_params"]),
             step)
 
+  def restore_optimizer_state(self, step=None) -> dict:
+    """The optimizer state of a checkpoint as a plain dict of NumPy arrays, in whatever
+    structure the run that saved it used (for ``training.init_from_optimizer``: the
+    caller picks the Adam moments out of it)."""
+    step = self._check_step(step)
+    meta = ocp.CheckpointManager(self.directory,
+                                 options=ocp.CheckpointManagerOptions(create=False),
+                                 item_handlers=ocp.StandardCheckpointHandler())
+    try:
+      tree = meta.item_metadata(step).tree
+    finally:
+      meta.close()
+    if not isinstance(tree, dict) or "opt_state" not in tree:
+      raise CheckpointError(f"checkpoint {self.directory} step {step} holds no optimizer "
+                            "state")
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                            tree["opt_state"])
+    item = {"opt_state": abstract}
+    restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+    return jax.tree.map(np.asarray, restored["opt_state"])
+
   def close(self):
     self.manager.close()
 

@@ -36,8 +36,9 @@ from diffode_jax.likelihood import (evaluate_batches, make_log_prob_fn, settings
                                     summarize)
 from diffode_jax.model import ConfigError, build, eval_settings, finalize_config
 from diffode_jax.sampling import draw, image_grid, make_sample_fn, sample_settings
-from diffode_jax.train_state import (create_train_state, learning_rate_schedule,
-                                     make_optimizer, make_train_step)
+from diffode_jax.train_state import (adam_state_of, create_train_state,
+                                     learning_rate_schedule, make_optimizer, make_train_step,
+                                     schedule_count, with_adam_state)
 from diffode_jax.errors import TrainingError  # noqa: F401  (re-exported)
 
 
@@ -174,6 +175,7 @@ def train(config, workdir: str) -> dict:
   uninterrupted run; metrics.jsonl rows after the restored step are dropped.
   ``training.init_from`` starts a new run (step 0, fresh optimizer, no EMA warm-up) from
   another run's params and EMA params; an existing checkpoint in workdir takes precedence.
+  With ``training.init_from_optimizer`` the Adam moments and counts carry over too.
   """
   config = finalize_config(config)
   if config.model.arch == "oracle":
@@ -230,7 +232,7 @@ def train(config, workdir: str) -> dict:
         _check_finite(row, step, last_saved)
         now = time.perf_counter()
         row["steps_per_sec"] = (step - tic_step) / max(now - tic, 1e-9)
-        row["learning_rate"] = float(lr_schedule(step // accum))
+        row["learning_rate"] = float(lr_schedule(schedule_count(state.opt_state)))
         tic, tic_step = now, step
         bar.set_postfix(loss_bpd=f"{row['loss']:.4f}", sde_bpd=f"{row['sde_bpd']:.3f}")
         if writer:
@@ -298,8 +300,10 @@ def _restore_or_init_from(config, workdir, components, optimizer, sharding):
   source = config.training.init_from
   if source:
     params, ema, step = load_params(source, abstract.params, sharding)
-    state = jax.jit(lambda p, e: create_train_state(p, optimizer).replace(ema_params=e),
-                    out_shardings=sharding)(params, ema)
+    adam = (load_adam_state(source, step, abstract.params)
+            if config.training.get("init_from_optimizer") else None)
+    state = jax.jit(lambda p, e, a: _new_state(p, e, a, optimizer),
+                    out_shardings=sharding)(params, ema, adam)
     logging.info("initialized params and EMA params from %s (step %d)", source, step)
     return state, False
   return init_state(config, components, optimizer, sharding), False
@@ -315,6 +319,29 @@ def load_params(source: str, params_template, sharding=None):
     return ckpt.restore_params(params_template, step, sharding)
   finally:
     ckpt.close()
+
+
+def _new_state(params, ema_params, adam, optimizer):
+  state = create_train_state(params, optimizer).replace(ema_params=ema_params)
+  if adam is not None:
+    state = state.replace(opt_state=with_adam_state(state.opt_state, adam))
+  return state
+
+
+def load_adam_state(source: str, step: int, params_template) -> dict:
+  """The Adam moments and counts of a checkpoint (``adam_state_of``), checked against the
+  params; CheckpointError if the checkpoint's optimizer state has none that fit."""
+  directory, _ = resolve_source(source)
+  ckpt = Checkpointer(directory, create=False)
+  try:
+    adam = adam_state_of(ckpt.restore_optimizer_state(step))
+  finally:
+    ckpt.close()
+  shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
+  if adam is None or any(shapes(adam[k]) != shapes(params_template) for k in ("mu", "nu")):
+    raise CheckpointError(f"training.init_from_optimizer: the optimizer state of {source!r} "
+                          f"step {step} holds no Adam moments of the configured model")
+  return adam
 
 
 def truncate_metrics(path: str, step: int) -> None:
