@@ -2,6 +2,8 @@
 
     python main.py --config=configs/digits.py --workdir=runs/digits --mode=train
     python main.py --config=configs/digits.py --workdir=runs/digits --mode=eval_bpd
+    python main.py --config=configs/cifar10_velocity.py --workdir=runs/c10_official \
+      --mode=import_official --official_checkpoint=PATH/checkpoints-0
 
 Every config field can be overridden, e.g. --config.training.batch_size=64.
 Bad input (including an unknown flag or config field) ends with one line on stderr and
@@ -21,7 +23,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "eval_bpd", "sample"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "eval_bpd", "sample", "import_official"],
+                  "What to run.")
+flags.DEFINE_string("official_checkpoint", None,
+                    "--mode=import_official: a released i-DODE checkpoints-0 directory or "
+                    "its ckpt-N.flax file.")
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() with no arguments: the cluster (Cloud "
@@ -90,7 +96,7 @@ def main(argv):
   init_distributed()
   from diffode_jax import cli  # after flag parsing: keeps --help fast
 
-  sys.exit(cli.dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode))
+  sys.exit(cli.dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.official_checkpoint))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ USER_ERRORS = (CheckpointError, DataError, LikelihoodError, ConfigError, Trainin
                SamplingError)
 
 
-def dispatch(config, workdir: str, mode: str) -> int:
+def dispatch(config, workdir: str, mode: str, official_checkpoint: str | None = None) -> int:
   """Runs mode; returns the process exit status."""
   from diffode_jax import run
 
@@ -36,6 +36,12 @@ def dispatch(config, workdir: str, mode: str) -> int:
     elif mode == "sample":
       out = run.sample(config, workdir)
       print(f"wrote {out}")
+    elif mode == "import_official":
+      from diffode_jax import official
+
+      report = official.import_checkpoint(config, workdir, official_checkpoint)
+      print(f"imported {report['source']} (step {report['step']}, {report['params']:,} "
+            f"params; {report['optimizer']}) into {workdir}")
     else:
       raise ConfigError(f"unknown mode {mode!r}")
   except USER_ERRORS as e:
