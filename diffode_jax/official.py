@@ -190,7 +190,8 @@ def derive_layout(score_model: dict, where: str) -> Layout:
                 cond_dim=dense0[0] - channels)
 
 
-def expected_fields(layout: Layout) -> list[tuple[str, object, str]]:
+def expected_fields(layout: Layout, where: str = "official checkpoint"
+                    ) -> list[tuple[str, object, str]]:
   """(config field, value the checkpoint needs, where the value comes from)."""
   L = layout
   if L.cond_dim == 1:
@@ -199,9 +200,9 @@ def expected_fields(layout: Layout) -> list[tuple[str, object, str]]:
     cond = [("model.cond_input", "onehot", "dense0 takes no conditioning input"),
             ("data.augment", False, "dense0 takes no conditioning input")]
   else:
-    raise CheckpointError(f"dense0 takes {L.channels + L.cond_dim} inputs: {L.channels} of "
-                          f"the time embedding and {L.cond_dim} more, which is not the "
-                          "official conditioning (one scalar)")
+    raise CheckpointError(f"{where}: dense0 takes {L.channels + L.cond_dim} inputs: "
+                          f"{L.channels} of the time embedding and {L.cond_dim} more, which "
+                          "is not the official conditioning (one scalar)")
   fields = [
       ("model.arch", "unet", "an official score model"),
       ("model.channels", L.channels, "conv_in/kernel"),
@@ -241,7 +242,7 @@ def _config_value(config, field: str):
 def check_config(config, layout: Layout, where: str) -> None:
   """ConfigError (one line, every mismatch) unless the finalized config builds layout."""
   bad = []
-  for field, want, evidence in expected_fields(layout):
+  for field, want, evidence in expected_fields(layout, where):
     have = _config_value(config, field)
     if have != want or type(have) is not type(want):
       bad.append(f"{field}={have!r} in the config but {want!r} in the checkpoint ({evidence})")
