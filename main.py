@@ -2,6 +2,8 @@
 
     python main.py --config=configs/digits.py --workdir=runs/digits --mode=train
     python main.py --config=configs/digits.py --workdir=runs/digits --mode=eval_bpd
+    python main.py --config=configs/cifar10_velocity.py --workdir=runs/c10_official \
+      --mode=import_official --official_checkpoint=PATH/checkpoints-0
 
 Every config field can be overridden, e.g. --config.training.batch_size=64.
 Bad input (including an unknown flag or config field) ends with one line on stderr and
@@ -22,7 +24,11 @@ from ml_collections import config_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports: a "
                     "local path or a Cloud Storage prefix, gs://bucket/path.")
-flags.DEFINE_enum("mode", "train", ["train", "eval_bpd", "sample"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "eval_bpd", "sample", "import_official"],
+                  "What to run.")
+flags.DEFINE_string("official_checkpoint", None,
+                    "--mode=import_official: a released i-DODE checkpoints-0 directory or "
+                    "its ckpt-N.flax file (local or gs://).")
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() with no arguments: the cluster (Cloud "
@@ -94,7 +100,8 @@ def main(argv):
   # The fields set on the command line: a workdir's config.json supplies the rest of
   # what defines its model (and may not be contradicted by them).
   explicit = set(config_flags.get_override_values(FLAGS["config"]))
-  status = cli.dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode, explicit)
+  status = cli.dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode, explicit,
+                        official_checkpoint=FLAGS.official_checkpoint)
   if status:
     # After a user error, exit at once: orbax / asyncio threads left behind would wait
     # (a failed checkpoint write) or print shutdown tracebacks under the one error line.

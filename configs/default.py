@@ -42,6 +42,10 @@ def get_config():
   model.num_blocks = 32  # ResNet blocks on the down path (the up path has one more)
   model.embed_dim = 512  # width of the time-embedding MLP
   model.attention = True  # single-head self-attention in the middle block
+  model.block_attention = False  # also after every down and up ResNet block (official cifar10_aug)
+  model.cond_input = "onehot"  # onehot: augmentation one-hot added to the time embedding | scalar: official, a flag concatenated before the first dense layer
+  model.time_proj = "dense"  # ResNet blocks' time projection: dense (bias) | zero_no_bias (official)
+  model.time_embedding = "native"  # native | official: floating-point order of the sinusoidal frequencies
   model.dropout = 0.1  # dropout rate inside the ResNet blocks
   model.num_groups = 32  # GroupNorm groups (gcd with the channel count is used)
   model.fourier_features = True  # append Fourier features of the input
@@ -59,8 +63,9 @@ def get_config():
   training.b1 = 0.9  # AdamW beta1
   training.b2 = 0.99  # AdamW beta2
   training.eps = 1e-8  # AdamW epsilon
-  training.weight_decay = 0.01  # AdamW decoupled weight decay (not on biases / norms)
-  training.grad_clip = 1.0  # clip the global gradient norm (0: off)
+  training.weight_decay = 0.01  # AdamW decoupled weight decay, on the parameters weight_decay_mask names
+  training.weight_decay_mask = "kernels"  # kernels (not biases / norm scales) | all_but_biases (official: GroupNorm scales decayed)
+  training.grad_clip = 1.0  # clip the global gradient norm (0: off; the reference configs: 0, as the official code)
   training.ema_decay = 0.9999  # EMA of parameters used for evaluation
   training.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
   training.grad_accum_steps = 1  # micro-batches per update (optax.MultiSteps)
@@ -73,6 +78,7 @@ def get_config():
   training.keep_checkpoints = 3  # newest checkpoints kept on disk (plus the one with the lowest training loss)
   training.divergence_factor = 10.0  # stop when a logged loss exceeds this times the median of the last 20 (0: off; run/guard.py)
   training.init_from = ml_collections.config_dict.placeholder(str)  # workdir or checkpoint dir to start a new run from (None: none)
+  training.init_from_optimizer = False  # init_from also carries the Adam moments and count (official fine-tune)
   training.eval_every = 0  # steps between test bits/dim of the EMA params (eval.split, K = 1, eval's keys) in metrics.jsonl (0: off)
   training.eval_images = 128  # first images of eval.split used by those evaluations
 

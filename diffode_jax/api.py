@@ -5,6 +5,7 @@
     bpd, report = model.bpd(images, jax.random.PRNGKey(0), dequantization="u")
     log_p = model.log_prob(images, key)             # nats, lower bound on log P(k)
     samples = model.sample(key, 16)                 # integer images (uint8 for V <= 256)
+    dx = model.drift(x, gamma)                      # probability-flow dx/dgamma
 
     oracle = dj.oracle(train_images, config)        # closed form of a finite set (SPEC 6)
 
@@ -23,6 +24,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -116,6 +118,18 @@ class Model:
     batch_size = batch_size or self.config.eval.batch_size
     rows = self._rows(images, key, settings, batch_size, with_sde=False)
     return np.array([r["log_prob"] for r in rows])
+
+  def drift(self, x, gamma: float) -> np.ndarray:
+    """The probability-flow drift dx/dgamma (numpy float32, x's shape) of a float batch x
+    (B, H, W, C) at a scalar gamma, with these params and conditioning zero (the
+    untransformed images), no dropout."""
+    x = np.asarray(x, np.float32)
+    want = data_lib.image_shape(self.config.data)
+    if x.ndim != 4 or x.shape[1:] != want:
+      raise DataError(f"drift needs a batch of shape (B,) + {want}, got {x.shape}")
+    if "drift" not in self._cache:
+      self._cache["drift"] = jax.jit(self.components.drift)
+    return np.asarray(self._cache["drift"](self.params, jnp.asarray(x), jnp.float32(gamma)))
 
   def sample(self, key: jax.Array, n: int, batch_size: int | None = None) -> np.ndarray:
     """n integer images (N, H, W, C) drawn with config.sample's settings

@@ -5,7 +5,10 @@ Index a in {0, ..., 7} = 4 * flip + rotation: a horizontal flip (``flip`` = 1) f
 which symmetry was applied through a one-hot ``cond`` of shape (B, 8), so it learns the
 density of each transformed data set separately and the identity-conditioned model
 (evaluation and sampling) stays a model of the untransformed images, as in the
-augmented CIFAR-10 run of the paper.
+augmented CIFAR-10 run of the paper. With ``model.cond_input = "scalar"`` the network is
+told only whether the image was transformed (``transformed_flag``), as in the official
+code; its symmetries are drawn differently there (identity 1/4, see README), here
+uniformly.
 
 Augmentation acts on the integer images before dequantization, inside the jitted train
 step; the indices are drawn from the step key, so a resumed run sees the same
@@ -37,6 +40,12 @@ def one_hot(indices):
 def identity_cond(batch: int):
   """The conditioning of untransformed images: evaluation and sampling use this."""
   return one_hot(jnp.full((batch,), IDENTITY, jnp.int32))
+
+
+def transformed_flag(cond):
+  """The official i-DODE conditioning of a (B, NUM_AUGMENTATIONS) one-hot: 1.0 where the
+  image was transformed (any symmetry but the identity), 0.0 where it was not."""
+  return 1.0 - cond[:, IDENTITY]
 
 
 def augment(key, k):

@@ -33,7 +33,8 @@ from absl import logging
 from diffode_jax import keys, storage
 from diffode_jax.model import Components, build
 from diffode_jax.paths import checkpoint_dir
-from diffode_jax.train_state import TrainState, create_train_state, init_state
+from diffode_jax.train_state import (TrainState, adam_state_of, create_train_state,
+                                     init_state, with_adam_state)
 from diffode_jax.errors import CheckpointError
 
 __all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "load_params",
@@ -248,6 +249,30 @@ class Checkpointer:
 
     return self._with_fallback(step, fallback, attempt)
 
+  def restore_optimizer_state(self, step=None) -> dict:
+    """The optimizer state of a checkpoint as a plain dict of NumPy arrays, in whatever
+    structure the run that saved it used (for ``training.init_from_optimizer``: the
+    caller picks the Adam moments out of it)."""
+    step = self._check_step(step)
+    meta = ocp.CheckpointManager(self.directory,
+                                 options=ocp.CheckpointManagerOptions(create=False),
+                                 item_handlers=ocp.StandardCheckpointHandler())
+    try:
+      tree = meta.item_metadata(step).tree
+    finally:
+      meta.close()
+    if not isinstance(tree, dict) or "opt_state" not in tree:
+      raise CheckpointError(f"checkpoint {self.directory} step {step} holds no optimizer "
+                            "state")
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                            tree["opt_state"])
+    item = {"opt_state": abstract}
+    restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+    return jax.tree.map(np.asarray, restored["opt_state"])
+
   def close(self):
     if not self.failed:  # after a failed save orbax's threads may never finish
       self.manager.close()
@@ -334,8 +359,10 @@ def restore_or_init(config, workdir: str, components: Components, optimizer,
   source = config.training.init_from
   if source:
     params, ema, step = load_params(source, abstract.params, sharding)
-    state = jax.jit(lambda p, e: create_train_state(p, optimizer).replace(ema_params=e),
-                    out_shardings=sharding)(params, ema)
+    adam = (load_adam_state(source, step, abstract.params)
+            if config.training.get("init_from_optimizer") else None)
+    state = jax.jit(lambda p, e, a: _new_state(p, e, a, optimizer),
+                    out_shardings=sharding)(params, ema, adam)
     logging.info("initialized params and EMA params from %s (step %d)", source, step)
     return state, False
   return init_state(config, components, optimizer, sharding), False
@@ -354,6 +381,29 @@ def load_params(source: str, params_template, sharding=None):
     return ckpt.restore_params(params_template, step, sharding)
   finally:
     ckpt.close()
+
+
+def _new_state(params, ema_params, adam, optimizer):
+  state = create_train_state(params, optimizer).replace(ema_params=ema_params)
+  if adam is not None:
+    state = state.replace(opt_state=with_adam_state(state.opt_state, adam))
+  return state
+
+
+def load_adam_state(source: str, step: int, params_template) -> dict:
+  """The Adam moments and counts of a checkpoint (``adam_state_of``), checked against the
+  params; CheckpointError if the checkpoint's optimizer state has none that fit."""
+  directory, _ = resolve_source(source)
+  ckpt = Checkpointer(directory, create=False)
+  try:
+    adam = adam_state_of(ckpt.restore_optimizer_state(step))
+  finally:
+    ckpt.close()
+  shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
+  if adam is None or any(shapes(adam[k]) != shapes(params_template) for k in ("mu", "nu")):
+    raise CheckpointError(f"training.init_from_optimizer: the optimizer state of {source!r} "
+                          f"step {step} holds no Adam moments of the configured model")
+  return adam
 
 
 def restore_ema_params(config, workdir: str, components: Components, step=None,

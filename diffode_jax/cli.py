@@ -8,11 +8,13 @@ import sys
 from diffode_jax.errors import ConfigError, DiffodeError
 
 
-def dispatch(config, workdir: str, mode: str, explicit=None) -> int:
+def dispatch(config, workdir: str, mode: str, explicit=None, *,
+             official_checkpoint: str | None = None) -> int:
   """Runs mode; returns the process exit status (1 for a user error).
 
   ``explicit``: the dotted config fields set on the command line (None: all of them), so
   a workdir's config.json can supply the rest of what defines its model.
+  ``official_checkpoint``: the source of --mode=import_official.
   """
   from diffode_jax import paths, run
 
@@ -36,6 +38,10 @@ def dispatch(config, workdir: str, mode: str, explicit=None) -> int:
     elif mode == "sample":
       out = run.sample(config, workdir, explicit)
       print(f"wrote {out}")
+    elif mode == "import_official":
+      report = run.import_official(config, workdir, official_checkpoint)
+      print(f"imported {report['source']} (step {report['step']}, {report['params']:,} "
+            f"params; {report['optimizer']}) into {workdir}")
     else:
       raise ConfigError(f"unknown mode {mode!r}")
   except DiffodeError as e:

@@ -19,6 +19,7 @@ from diffode_jax import ode, paths, storage
 from diffode_jax.data import check_data_config
 from diffode_jax.errors import CheckpointError, ConfigError
 from diffode_jax.likelihood import EvalSettings
+from diffode_jax.networks import check_network_config
 from diffode_jax.parameterization import make_parameterization
 from diffode_jax.sampling import SampleSettings, sample_settings
 from diffode_jax.schedules import default_gamma_min, default_gamma_u, make_schedule
@@ -64,6 +65,7 @@ def finalize_config(config):
     raise ConfigError("training.eval_every > 0 needs training.eval_images >= 1")
   try:
     check_data_config(config.data)
+    check_network_config(config.model)
     check_training_config(config.training)
     schedule = make_schedule(config.model)
     make_parameterization(config.model, schedule)
@@ -101,8 +103,9 @@ def _check_positive_ints(config) -> None:
 # workdir's config.json; a command line that sets one to another value is an error.
 MODEL_FIELDS = {
     "model": ("arch", "schedule", "parameterization", "gamma_min", "gamma_max", "channels",
-              "num_blocks", "embed_dim", "attention", "num_groups", "fourier_features",
-              "fourier_min", "fourier_max", "base_measure_skip"),
+              "num_blocks", "embed_dim", "attention", "block_attention", "num_groups",
+              "fourier_features", "fourier_min", "fourier_max", "base_measure_skip",
+              "cond_input", "time_proj", "time_embedding"),
     "data": ("image_size", "image_width", "channels", "num_levels", "augment",
              "reduce_bits"),
 }
@@ -153,6 +156,9 @@ def reconcile_with_workdir(config, saved, explicit=None, resume: bool = False):
     paths_to_check += list(_fields(SPLIT_FIELDS))
   config = copy.deepcopy(config)
   for path in paths_to_check:
+    section, _, name = path.rpartition(".")
+    if section and name not in saved[section]:
+      continue  # written before the field existed: its default is what was used
     want, got = _get(saved, path), _get(config, path)
     if want == got or (isinstance(want, float) and isinstance(got, float)
                        and math.isclose(want, got, rel_tol=1e-12, abs_tol=0.0)):
@@ -163,7 +169,6 @@ def reconcile_with_workdir(config, saved, explicit=None, resume: bool = False):
                         f"which defines the {what}; drop the override or use another "
                         f"workdir")
     with config.unlocked():
-      section, _, name = path.rpartition(".")
       if section:
         config[section][name] = want
       else:

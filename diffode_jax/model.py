@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from diffode_jax import augmentation
 from diffode_jax.data import image_shape
 from diffode_jax.losses import LossConfig, make_loss_fn
-from diffode_jax.networks import make_network
+from diffode_jax.networks import layout, make_network
 from diffode_jax.oracle import oracle_net
 from diffode_jax.parameterization import Parameterization, make_parameterization
 from diffode_jax.schedules import Schedule, make_schedule
@@ -47,19 +47,32 @@ def unet_net_fn(config):
   shape = (1,) + image_shape(config.data)
 
   conditioned = bool(config.data.augment)  # the augmentation index is an input
+  # The official input: one scalar per example, always present (0 unless augmented).
+  scalar = layout(config.model, "cond_input") == "scalar"
 
   def init_params(key):
-    cond = augmentation.identity_cond(1) if conditioned else None
+    if scalar:
+      cond = jnp.zeros((1,), jnp.float32)
+    else:
+      cond = augmentation.identity_cond(1) if conditioned else None
     return network.init({"params": key}, jnp.zeros(shape, jnp.float32),
                         jnp.zeros((1,), jnp.float32), train=False, cond=cond)["params"]
 
   def net_fn(params, x, gamma, dropout_key, train, cond=None):
-    """cond: (B, 8) augmentation one-hot; None means the identity (untransformed data)."""
-    if conditioned and cond is None:
+    """cond: (B, 8) augmentation one-hot; None means the identity (untransformed data).
+
+    With model.cond_input 'scalar' the network sees the official flag instead: 1 for a
+    transformed image, 0 for an untransformed one (and always 0 without augmentation).
+    """
+    if scalar:
+      cond = (jnp.zeros(x.shape[:1], x.dtype) if cond is None
+              else augmentation.transformed_flag(cond))
+    elif conditioned and cond is None:
       cond = augmentation.identity_cond(x.shape[0])
+    elif not conditioned:
+      cond = None
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
-    return network.apply({"params": params}, x, gamma, train=train, rngs=rngs,
-                         cond=cond if conditioned else None)
+    return network.apply({"params": params}, x, gamma, train=train, rngs=rngs, cond=cond)
 
   return init_params, net_fn
 

@@ -1,8 +1,10 @@
 """Training state (params, EMA params, optimizer state, step), the optimizer and the step.
 
 The optimizer is optax AdamW with a linear warm-up, weight decay masked off biases and
-normalization scales, optional global-norm clipping, wrapped in ``optax.MultiSteps`` for
-gradient accumulation. The EMA moves only when the optimizer really updates.
+normalization scales (``training.weight_decay_mask = "kernels"``) or off biases only
+(``"all_but_biases"``, the official i-DODE mask), optional global-norm clipping, wrapped
+in ``optax.MultiSteps`` for gradient accumulation. The EMA moves only when the optimizer
+really updates.
 
 With gradient accumulation, ``training.batch_size`` is the micro-batch: one optimizer
 update averages the gradients of ``grad_accum_steps`` consecutive micro-batches, and
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import flax
 import jax
 import jax.numpy as jnp
@@ -51,6 +54,9 @@ def check_training_config(config_training) -> None:
     raise ValueError(f"training.learning_rate must be positive, got {t.learning_rate!r}")
   if not 0.0 <= t.ema_decay <= 1.0:
     raise ValueError(f"training.ema_decay must be in [0, 1], got {t.ema_decay!r}")
+  if t.get("weight_decay_mask", "kernels") not in DECAY_MASKS:
+    raise ValueError(f"unknown training.weight_decay_mask {t.weight_decay_mask!r}; expected "
+                     f"one of {DECAY_MASKS}")
   if t.dequantization not in TRAIN_DEQUANTIZATIONS:
     raise ValueError(f"unknown training.dequantization {t.dequantization!r}; expected one "
                      f"of {TRAIN_DEQUANTIZATIONS}")
@@ -62,18 +68,87 @@ def learning_rate_schedule(config_training):
       warmup_steps=max(int(config_training.warmup_steps), 1))
 
 
+DECAY_MASKS = ("kernels", "all_but_biases")
+
+
+def _leaf_name(path):
+  return getattr(path[-1], "key", None)
+
+
 def _decay_mask(params):
   """Weight decay on kernels only (not biases, not GroupNorm scales)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) == "kernel", params)
+
+
+def _decay_all_but_biases(params):
+  """The official i-DODE (and VDM) mask: every parameter but biases, GroupNorm scales too."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) != "bias", params)
 
 
 def make_optimizer(config_training) -> optax.GradientTransformation:
   t = config_training
+  mask = {"kernels": _decay_mask, "all_but_biases": _decay_all_but_biases}[
+      t.get("weight_decay_mask", "kernels")]
   adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
-                      weight_decay=t.weight_decay, mask=_decay_mask)
+                      weight_decay=t.weight_decay, mask=mask)
   chain = optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
   return optax.MultiSteps(chain, every_k_schedule=max(int(t.grad_accum_steps), 1))
+
+
+def _find_nodes(tree, keys: set, path=()):
+  """Paths of the dicts of a state dict whose keys are exactly ``keys``."""
+  if not isinstance(tree, dict):
+    return []
+  if set(tree) == keys:
+    return [path]
+  return [p for k, v in tree.items() for p in _find_nodes(v, keys, path + (k,))]
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def adam_state_of(opt_state_dict) -> dict | None:
+  """{"count", "mu", "nu", "schedule_count"} of the one Adam state in an optimizer state
+  dict (``flax.serialization.to_state_dict`` form, any chain or MultiSteps nesting), or
+  None if there is not exactly one. ``schedule_count`` is the learning-rate schedule's
+  step count (None when the optimizer had a constant rate, as the official code's)."""
+  adams = _find_nodes(opt_state_dict, {"count", "mu", "nu"})
+  if len(adams) != 1:
+    return None
+  adam = _get(opt_state_dict, adams[0])
+  schedules = _find_nodes(opt_state_dict, {"count"})
+  schedule = _get(opt_state_dict, schedules[0])["count"] if len(schedules) == 1 else None
+  return {"count": adam["count"], "mu": adam["mu"], "nu": adam["nu"],
+          "schedule_count": schedule}
+
+
+def with_adam_state(opt_state, adam: dict):
+  """opt_state of ``make_optimizer`` with the Adam moments and count of ``adam`` (as from
+  ``adam_state_of``) and the schedule at ``adam["schedule_count"]`` (at the Adam count
+  when None). The accumulation counters and accumulated gradients stay as they are."""
+  sd = flax.serialization.to_state_dict(opt_state)
+  (adam_path,) = _find_nodes(sd, {"count", "mu", "nu"})
+  node = _get(sd, adam_path)
+  as_dtype = lambda value, like: jnp.asarray(value, jnp.asarray(like).dtype)
+  node["count"] = as_dtype(adam["count"], node["count"])
+  node["mu"] = jax.tree.map(as_dtype, adam["mu"], node["mu"])
+  node["nu"] = jax.tree.map(as_dtype, adam["nu"], node["nu"])
+  schedule_count = adam.get("schedule_count")
+  if schedule_count is None:
+    schedule_count = adam["count"]
+  for path in _find_nodes(sd, {"count"}):
+    _get(sd, path)["count"] = as_dtype(schedule_count, _get(sd, path)["count"])
+  return flax.serialization.from_state_dict(opt_state, sd)
+
+
+def schedule_count(opt_state):
+  """The learning-rate schedule's step count inside an optimizer state (0 if none)."""
+  sd = flax.serialization.to_state_dict(opt_state)
+  paths = _find_nodes(sd, {"count"})
+  return _get(sd, paths[0])["count"] if paths else np.zeros((), np.int32)
 
 
 def create_train_state(params, optimizer) -> TrainState:

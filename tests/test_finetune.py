@@ -12,6 +12,7 @@ from diffode_jax.checkpoint import CheckpointError
 from diffode_jax.checkpoint import load_params
 from diffode_jax.config import finalize_config
 from diffode_jax.model import build
+from diffode_jax.train_state import adam_state_of
 
 
 def _params_template(config):
@@ -65,3 +66,32 @@ def test_init_from_bad_source_is_a_checkpoint_error(tiny_config, tmp_path):
   wider.model.channels = 16
   with pytest.raises(CheckpointError, match="does not match the configured model"):
     load_params(str(tmp_path / "source"), _params_template(wider))
+
+
+
+def test_init_from_optimizer_continues_adam_and_the_schedule(tiny_config, tmp_path):
+  tiny_config.training.warmup_steps = 10  # the source ends inside the warm-up
+  run.train(tiny_config, str(tmp_path / "source"))  # 3 steps, clipping on (digits)
+  fine = copy.deepcopy(tiny_config)
+  fine.training.init_from = str(tmp_path / "source")
+  fine.training.grad_clip = 0.0  # another chain than the source's: the Adam state still maps
+  fine.training.num_steps = 1
+  run.train(fine, str(tmp_path / "fresh"))
+  fine.training.init_from_optimizer = True
+  row = run.train(fine, str(tmp_path / "carried"))
+
+  state = lambda name: procs.load_checkpoint(tmp_path / name)
+  adam = lambda s: adam_state_of(s["opt_state"])
+  src, fresh, carried = state("source"), state("fresh"), state("carried")
+  assert int(carried["step"]) == 1  # the run's own step count
+  assert int(adam(carried)["count"]) == int(adam(src)["count"]) + 1 == 4
+  assert int(adam(carried)["schedule_count"]) == 4
+  assert row["learning_rate"] == pytest.approx(0.4 * tiny_config.training.learning_rate)
+  # Same params, batch and key, so the same gradient g: fresh mu = (1 - b1) g, carried
+  # mu = b1 mu_source + (1 - b1) g.
+  b1 = fine.training.b1
+  expected = jax.tree.map(lambda f, m: f + b1 * m, adam(fresh)["mu"], adam(src)["mu"])
+  procs.assert_trees_close(adam(carried)["mu"], expected, rtol=1e-5, atol=1e-9)
+  # A fresh optimizer's first update has learning rate 0; the carried one moves the params.
+  procs.assert_trees_close(fresh["params"], src["params"], rtol=0, atol=0)
+  assert not np.allclose(carried["params"]["Conv_0"]["kernel"], src["params"]["Conv_0"]["kernel"])

@@ -126,3 +126,62 @@ def test_dropout_only_in_training():
   assert float(jnp.abs(a - eval_out).max()) > 1e-3
   np.testing.assert_array_equal(a, train(params, x, gamma, _key(0)))
   np.testing.assert_array_equal(eval_out, evaluate(params, x, gamma))
+
+
+def test_official_layout_switches():
+  """cond_input='scalar' (one scalar per example before the first dense layer; None is
+  0), time_proj='zero_no_bias' (no bias, zero at init) and block_attention (one attention
+  block after each of the 2N + 1 down and up blocks, besides the middle one)."""
+  shape = (2, 4, 4, 2)
+  net = UNet(**SMALL, cond_input="scalar", time_proj="zero_no_bias", block_attention=True,
+             time_embedding="official")
+  params = jax.jit(lambda key: net.init({"params": key}, jnp.zeros(shape), jnp.zeros((2,)),
+                                        train=False, cond=jnp.zeros((2,)))["params"])(_key(0))
+  assert params["Dense_0"]["kernel"].shape == (SMALL["channels"] + 1, SMALL["embed_dim"])
+  proj = params["ResnetBlock_0"]["Dense_0"]
+  assert set(proj) == {"kernel"} and not np.any(proj["kernel"])
+  attention = [k for k in params if k.startswith("AttentionBlock_")]
+  assert len(attention) == 2 * SMALL["num_blocks"] + 1 + 1
+  params = _random_params(net, shape)
+  x, gamma = _normal(7, shape), jnp.array([-4.0, 1.0])
+  apply = jax.jit(lambda p, x, g, c: net.apply({"params": p}, x, g, train=False, cond=c))
+  zero = apply(params, x, gamma, jnp.zeros((2,)))
+  np.testing.assert_allclose(
+      net.apply({"params": params}, x, gamma, train=False), zero, rtol=1e-5, atol=1e-6)
+  flagged = apply(params, x, gamma, jnp.array([0.0, 1.0]))
+  np.testing.assert_array_equal(flagged[0], zero[0])
+  assert float(jnp.abs(flagged[1] - zero[1]).max()) > 1e-4
+
+
+def test_augmentation_one_hot_becomes_the_official_flag():
+  from configs import digits
+  from diffode_jax import augmentation
+  from diffode_jax.config import finalize_config
+  from diffode_jax.model import build
+
+  config = digits.get_config()
+  m = config.model
+  m.channels, m.num_blocks, m.embed_dim, m.num_groups = 8, 1, 16, 4
+  m.cond_input = "scalar"
+  config.data.augment = True
+  c = build(finalize_config(config))
+  params = _random_params_of(c.init_params)
+  x = _normal(8, (8, 8, 8, 1))
+  cond = augmentation.one_hot(jnp.arange(8))
+  f = jax.jit(lambda p, x, cond: c.net_fn(p, x, 0.0, None, False, cond=cond))
+  untransformed = f(params, x, None)
+  with_cond = f(params, x, cond)
+  np.testing.assert_allclose(with_cond[0], untransformed[0], rtol=1e-6, atol=1e-6)
+  # every symmetry but the identity is the same flag, 1
+  all_flipped = f(params, x, augmentation.one_hot(jnp.full((8,), 4)))
+  np.testing.assert_allclose(with_cond[1:], all_flipped[1:], rtol=1e-6, atol=1e-6)
+  assert all(float(jnp.abs(with_cond[i] - untransformed[i]).max()) > 1e-5 for i in range(1, 8))
+
+
+def _random_params_of(init_params, seed=1, scale=0.3):
+  shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.asarray(
+          (1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0)
+          + scale * rng.standard_normal(s.shape), s.dtype), shapes)

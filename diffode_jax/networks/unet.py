@@ -11,6 +11,23 @@ Architecture: Fourier features of the input (sin/cos at frequencies 2^n * 2 pi f
 GroupNorm + swish + a zero-initialized 3x3 conv to the output. The time embedding is a
 sinusoidal embedding of 1000 * normalized gamma followed by two dense layers of width
 ``embed_dim``. With ``base_measure_skip`` the input is added to the output (VDM).
+
+Layout switches; the defaults are this project's original layout, the alternatives are
+the layout of the official i-DODE code (``model_vdm.py`` of thu-ml/i-DODE), which the
+reference configs use so that released checkpoints load exactly:
+
+* ``block_attention``: a self-attention block after every down and up ResNet block
+  (official ``with_attention``; on in the augmented CIFAR-10 model).
+* ``cond_input``: ``"onehot"`` adds a Dense projection of an optional (B, K) conditioning
+  vector to the sinusoidal embedding; ``"scalar"`` concatenates one scalar per example
+  (B,) to it before the first dense layer (official; 0 unless the training image was
+  augmented), so that layer has ``channels + 1`` inputs.
+* ``time_proj``: the ResNet blocks' projection of the time embedding, ``"dense"`` (with
+  bias, default initializer) or ``"zero_no_bias"`` (official: no bias, zero-initialized).
+* ``time_embedding``: ``"native"`` or ``"official"`` floating-point order of the
+  sinusoidal frequencies. They differ by about 1e-6 relatively, which 1000 * t turns into
+  up to ~1e-4 in the embedding; ``"official"`` reproduces the official numbers to float32
+  rounding.
 """
 
 from __future__ import annotations
@@ -24,10 +41,23 @@ import jax.numpy as jnp
 _zeros = nn.initializers.zeros
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-  """Sinusoidal embedding of a (B,) array of times (any scale) into (B, dim)."""
+TIME_EMBEDDINGS = ("native", "official")
+COND_INPUTS = ("onehot", "scalar")
+TIME_PROJS = ("dense", "zero_no_bias")
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, order: str = "native"):
+  """Sinusoidal embedding of a (B,) array of times (any scale) into (B, dim).
+
+  ``order`` "official" computes the frequencies as exp(k * -(log(max_period) / (half - 1)))
+  with the constant in float64, the operation order of the official code.
+  """
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half) / max(half - 1, 1))
+  if order == "official":
+    rate = math.log(max_period) / max(half - 1, 1)
+    freqs = jnp.exp(jnp.arange(half, dtype=t.dtype) * -rate)
+  else:
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half) / max(half - 1, 1))
   args = t[:, None] * freqs[None, :]
   emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
   if dim % 2:
@@ -50,12 +80,17 @@ class ResnetBlock(nn.Module):
   channels: int
   dropout: float
   num_groups: int
+  time_proj: str = "dense"
 
   @nn.compact
   def __call__(self, x, temb, train: bool):
     h = nn.swish(nn.GroupNorm(_groups(self.num_groups, x.shape[-1]))(x))
     h = nn.Conv(self.channels, (3, 3))(h)
-    h = h + nn.Dense(self.channels)(temb)[:, None, None, :]
+    if self.time_proj == "zero_no_bias":
+      proj = nn.Dense(self.channels, use_bias=False, kernel_init=_zeros)
+    else:
+      proj = nn.Dense(self.channels)
+    h = h + proj(temb)[:, None, None, :]
     h = nn.swish(nn.GroupNorm(_groups(self.num_groups, self.channels))(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.channels, (3, 3), kernel_init=_zeros)(h)
@@ -81,12 +116,20 @@ class AttentionBlock(nn.Module):
 
 
 class UNet(nn.Module):
-  """See the module docstring. ``cond`` (B, K) optional conditioning (e.g. augmentation)."""
+  """See the module docstring.
+
+  ``cond``: with ``cond_input`` "onehot" an optional (B, K) vector (e.g. the augmentation
+  one-hot); with "scalar" a (B,) array (None means zeros).
+  """
 
   channels: int = 128
   num_blocks: int = 32
   embed_dim: int = 512
   attention: bool = True
+  block_attention: bool = False
+  cond_input: str = "onehot"
+  time_proj: str = "dense"
+  time_embedding: str = "native"
   dropout: float = 0.1
   num_groups: int = 32
   fourier_min: int = 6
@@ -101,8 +144,11 @@ class UNet(nn.Module):
     batch = x.shape[0]
     gamma = jnp.broadcast_to(jnp.asarray(gamma, x.dtype), (batch,))
     t = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
-    temb = timestep_embedding(1000.0 * t, self.channels)
-    if cond is not None:
+    temb = timestep_embedding(1000.0 * t, self.channels, order=self.time_embedding)
+    if self.cond_input == "scalar":
+      c = jnp.zeros((batch,), x.dtype) if cond is None else jnp.reshape(cond, (batch,))
+      temb = jnp.concatenate([temb, c.astype(x.dtype)[:, None]], axis=-1)
+    elif cond is not None:
       temb = temb + nn.Dense(self.channels)(cond.astype(x.dtype))
     temb = nn.swish(nn.Dense(self.embed_dim)(temb))
     temb = nn.swish(nn.Dense(self.embed_dim)(temb))
@@ -112,19 +158,24 @@ class UNet(nn.Module):
       h = jnp.concatenate([x, fourier_features(x, self.fourier_min, self.fourier_max)], -1)
     h = nn.Conv(self.channels, (3, 3))(h)
 
-    block = lambda: ResnetBlock(self.channels, self.dropout, self.num_groups)
+    block = lambda: ResnetBlock(self.channels, self.dropout, self.num_groups, self.time_proj)
+    attend = lambda h: AttentionBlock(self.num_groups)(h)
     skips = [h]
     for _ in range(self.num_blocks):
       h = block()(h, temb, train)
+      if self.block_attention:
+        h = attend(h)
       skips.append(h)
 
     h = block()(h, temb, train)
     if self.attention:
-      h = AttentionBlock(self.num_groups)(h)
+      h = attend(h)
     h = block()(h, temb, train)
 
     for _ in range(self.num_blocks + 1):
       h = block()(jnp.concatenate([h, skips.pop()], axis=-1), temb, train)
+      if self.block_attention:
+        h = attend(h)
 
     h = nn.swish(nn.GroupNorm(_groups(self.num_groups, self.channels))(h))
     out = nn.Conv(x.shape[-1], (3, 3), kernel_init=_zeros)(h)

@@ -23,7 +23,8 @@ from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.console import StopSignal, progress
 from diffode_jax.run.guard import DivergenceGuard
 from diffode_jax.run.lock import WorkdirLock
-from diffode_jax.train_state import learning_rate_schedule, make_optimizer, make_train_step
+from diffode_jax.train_state import (learning_rate_schedule, make_optimizer, make_train_step,
+                                     schedule_count)
 
 
 def train(config, workdir: str, explicit=None) -> dict:
@@ -137,7 +138,7 @@ def _train_locked(config, workdir, components, train_data, lock) -> dict:
         last_loss = row["loss"]
         now = time.perf_counter()
         row["steps_per_sec"] = (step - tic_step) / max(now - tic, 1e-9)
-        row["learning_rate"] = float(lr_schedule(step // accum))
+        row["learning_rate"] = float(lr_schedule(schedule_count(state.opt_state)))
         tic, tic_step = now, step
         bar.set_postfix(loss_bpd=f"{row['loss']:.4f}", sde_bpd=f"{row['sde_bpd']:.3f}")
         if writer:
