@@ -190,23 +190,23 @@ def test_retention_keeps_the_lowest_loss_checkpoint_across_restarts(tmp_path):
 # ----------------------------------------------------------------------------- 4. damage
 
 
-def _truncate_largest_file(step_dir, part):
-  """Cuts the largest array data file ("data": under ocdbt.process_*/d/) or the pytree
-  metadata ("metadata") of a step in half."""
+def _truncate(step_dir, part):
+  """Cuts in half every array data file ("data": under ocdbt.process_*/d/; which of them
+  holds the EMA params depends on the layout) or the pytree metadata ("metadata")."""
   files = [os.path.join(d, n) for d, _, names in os.walk(step_dir) for n in names]
   if part == "data":
     files = [p for p in files if "ocdbt.process_" in p and os.sep + "d" + os.sep in p]
   else:
     files = [p for p in files if os.path.basename(p) == "_METADATA"]
-  target = max(files, key=os.path.getsize)
-  with open(target, "r+b") as f:
-    f.truncate(os.path.getsize(target) // 2)
-  return target
+  assert files
+  for target in files:
+    with open(target, "r+b") as f:
+      f.truncate(os.path.getsize(target) // 2)
 
 
 @pytest.mark.parametrize("part", ["data", "metadata"])
 def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(workdir, capsys, part):
-  _truncate_largest_file(os.path.join(workdir, "checkpoints", "4"), part)
+  _truncate(os.path.join(workdir, "checkpoints", "4"), part)
   status, lines, _ = _dispatch(_config(), workdir, "eval_bpd", capsys)
   assert status == 0, lines
   assert any("step 4 is damaged" in l for l in lines), lines
