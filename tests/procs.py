@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -175,3 +177,30 @@ def assert_same_run(dir_a, dir_b, steps=(1, 2, 3)):
   for step in a:
     assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
   assert_trees_close(load_checkpoint(dir_a), load_checkpoint(dir_b), rtol=1e-4, atol=1e-6)
+
+
+def wait_for(predicate, proc, timeout=240.0, what="", poll=0.02):
+  """Polls predicate() until it is true; AssertionError if proc ends or time runs out."""
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    if proc.poll() is not None:
+      _, err = proc.communicate()
+      raise AssertionError(f"process ended (exit {proc.returncode}) before {what}:\n"
+                           f"{err[-2000:]}")
+    if time.monotonic() > deadline:
+      proc.kill()
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(poll)
+
+
+def snapshot(root):
+  """{relative path: sha1} of every file under root (None if root does not exist)."""
+  if not os.path.exists(root):
+    return None
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
+  return out

@@ -7,7 +7,6 @@ device count is in test_multidevice.py (it needs several devices).
 
 import copy
 import importlib
-import hashlib
 import os
 import subprocess
 
@@ -21,25 +20,12 @@ from diffode_jax import cli, run
 from diffode_jax import data as data_lib
 
 
-def _snapshot(root):
-  """{relative path: sha1} of every file under root (None if root does not exist)."""
-  if not os.path.exists(root):
-    return None
-  out = {}
-  for dirpath, _, files in os.walk(root):
-    for name in files:
-      path = os.path.join(dirpath, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
-  return out
-
-
 def _dispatch(config, workdir, mode, capsys):
   """(exit status, stderr lines) of cli.dispatch, checking that the workdir is unchanged."""
-  before = _snapshot(workdir)
+  before = procs.snapshot(workdir)
   status = cli.dispatch(config, str(workdir), mode)
   lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
-  assert _snapshot(workdir) == before, "the workdir changed"
+  assert procs.snapshot(workdir) == before, "the workdir changed"
   return status, lines
 
 

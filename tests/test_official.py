@@ -8,7 +8,6 @@ must derive every layout from names and shapes alone.
 """
 
 import copy
-import hashlib
 import json
 import os
 import subprocess
@@ -212,20 +211,8 @@ def test_other_layouts_are_derived_from_shapes(tmp_path, fields):
 # ----------------------------------------------------------------------------- bad input
 
 
-def _snapshot(root):
-  if not os.path.exists(root):
-    return None
-  out = {}
-  for dirpath, _, files in os.walk(root):
-    for name in files:
-      with open(os.path.join(dirpath, name), "rb") as f:
-        out[os.path.relpath(os.path.join(dirpath, name), root)] = hashlib.sha1(
-            f.read()).hexdigest()
-  return out
-
-
 def _import_fails(config, workdir, path, capsys, *fragments):
-  before = _snapshot(workdir)
+  before = procs.snapshot(workdir)
   status = cli.dispatch(config, str(workdir), "import_official",
                         official_checkpoint=path)
   lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
@@ -233,7 +220,7 @@ def _import_fails(config, workdir, path, capsys, *fragments):
   assert len(lines) == 1 and lines[0].startswith("error: "), lines
   for fragment in fragments:
     assert fragment in lines[0], (fragment, lines[0])
-  assert _snapshot(workdir) == before, "the workdir changed"
+  assert procs.snapshot(workdir) == before, "the workdir changed"
 
 
 def test_bad_official_checkpoints(tmp_path, capsys):

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -20,19 +19,6 @@ from diffode_jax.checkpoint import Checkpointer
 from diffode_jax.run.workdir import truncate_metrics
 
 NUM_STEPS = 40
-
-
-def _wait_for(predicate, proc, timeout=240.0, what=""):
-  deadline = time.monotonic() + timeout
-  while not predicate():
-    if proc.poll() is not None:
-      _, err = proc.communicate()
-      raise AssertionError(f"process ended (exit {proc.returncode}) before {what}:\n"
-                           f"{err[-2000:]}")
-    if time.monotonic() > deadline:
-      proc.kill()
-      raise AssertionError(f"timed out waiting for {what}")
-    time.sleep(0.02)
 
 
 def _last_logged_step(workdir):
@@ -50,7 +36,7 @@ def test_kill_and_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
 
   # 1. kill -9 as soon as a checkpoint exists and training has gone past it.
   victim = procs.start(resumed, *flags)
-  _wait_for(lambda: procs.checkpoint_steps(resumed) and
+  procs.wait_for(lambda: procs.checkpoint_steps(resumed) and
             _last_logged_step(resumed) > procs.checkpoint_steps(resumed)[-1],
             victim, what="a checkpoint")
   victim.send_signal(signal.SIGKILL)
@@ -62,7 +48,7 @@ def test_kill_and_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
 
   # 2. Rerun, then SIGTERM (once it trains again): it saves where it is and exits cleanly.
   second = procs.start(resumed, *flags)
-  _wait_for(lambda: _last_logged_step(resumed) > logged_at_kill, second,
+  procs.wait_for(lambda: _last_logged_step(resumed) > logged_at_kill, second,
             what="progress after the resume")
   second.send_signal(signal.SIGTERM)
   _, err = procs.finish(second)
@@ -111,7 +97,7 @@ def test_interrupted_save_is_never_the_latest_checkpoint(tmp_path):
   proc = subprocess.Popen([sys.executable, "-c", script], cwd=procs.REPO, env=procs.env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   tmp_dirs = lambda: [n for n in os.listdir(directory) if ".orbax-checkpoint-tmp" in n]
-  _wait_for(tmp_dirs, proc, timeout=120, what="the save to start")
+  procs.wait_for(tmp_dirs, proc, timeout=120, what="the save to start")
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   if "2" in os.listdir(directory):  # the 256 MB save finished before the kill landed

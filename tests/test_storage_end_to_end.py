@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -34,19 +33,6 @@ FIELDS = dict(
     eval__batch_size=EVAL_BATCH, eval__num_images=EVAL_IMAGES, eval__rtol=1e-4,
     eval__atol=1e-4, sample__num_samples=4, sample__batch_size=4, sample__rtol=1e-3,
     sample__atol=1e-3)
-
-
-def _wait_for(predicate, proc, timeout=240.0, what=""):
-  deadline = time.monotonic() + timeout
-  while not predicate():
-    if proc.poll() is not None:
-      _, err = proc.communicate()
-      raise AssertionError(f"process ended (exit {proc.returncode}) before {what}:\n"
-                           f"{err[-2000:]}")
-    if time.monotonic() > deadline:
-      proc.kill()
-      raise AssertionError(f"timed out waiting for {what}")
-    time.sleep(0.05)
 
 
 def _kill(proc):
@@ -70,7 +56,7 @@ def test_workdir_end_to_end(storage_root, monkeypatch):
 
   # 1. Train; kill -9 as soon as a checkpoint is committed.
   victim = procs.start(workdir, *flags, prefix=prefix)
-  _wait_for(lambda: procs.checkpoint_steps(workdir), victim, what="a checkpoint")
+  procs.wait_for(lambda: procs.checkpoint_steps(workdir), victim, what="a checkpoint")
   _kill(victim)
   killed_at = procs.checkpoint_steps(workdir)[-1]
   assert killed_at < NUM_STEPS
@@ -101,7 +87,7 @@ def test_workdir_end_to_end(storage_root, monkeypatch):
 
   # 3. eval_bpd: kill -9 after its first batch, then resume: the finished batches stay.
   victim = procs.start(workdir, *flags, mode="eval_bpd", prefix=prefix)
-  _wait_for(lambda: len(_per_image_rows(workdir)) >= EVAL_BATCH, victim,
+  procs.wait_for(lambda: len(_per_image_rows(workdir)) >= EVAL_BATCH, victim,
             what="the first evaluated batch")
   _kill(victim)
   kept = _per_image_rows(workdir)
@@ -178,7 +164,7 @@ def test_kill_during_a_checkpoint_save_on_gs_keeps_the_previous_step(gs_root):
                           cwd=procs.REPO, env=procs.env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   step_2 = storage.join(directory, "2")
-  _wait_for(lambda: storage.isdir(step_2), proc, timeout=120, what="the save to start")
+  procs.wait_for(lambda: storage.isdir(step_2), proc, timeout=120, what="the save to start")
   _kill(proc)
   if storage.exists(storage.join(step_2, "commit_success.txt")):
     pytest.skip("the 256 MB save completed before SIGKILL; nothing interrupted")
