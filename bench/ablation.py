@@ -3,6 +3,7 @@
     python bench/ablation.py                 # full run: about 2.5 hours on 2 CPU cores
     python bench/ablation.py --quick         # reduced budget, minutes
     python bench/ablation.py --budget=long   # the best digits setting at 4x the steps, ~1 h
+    python bench/ablation.py --budget=long --datasets=photo_patches   # issue 16, hours
 
 Every setting trains the same network with the same steps, batch and seed
 (configs/digits.py or configs/photo_patches.py) and differs only in the technique:
@@ -36,6 +37,7 @@ the combined table ablation.md (``_quick`` or ``_long`` in every name with those
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -49,10 +51,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import diffode_jax as dj  # noqa: E402
-from baselines import categorical_bpd, gmm_bpd  # noqa: E402
+from baselines import categorical_bpd, gmm_bits, gmm_bpd  # noqa: E402
 from configs import digits, photo_patches  # noqa: E402
 from diffode_jax import data as data_lib  # noqa: E402
 from diffode_jax import run  # noqa: E402
+from diffode_jax.config import sample_settings  # noqa: E402
+from diffode_jax.likelihood import bits_per_dim  # noqa: E402
+from diffode_jax.sampling import draw, make_sample_fn  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 DATASETS = {"digits": digits.get_config, "photo_patches": photo_patches.get_config}
@@ -93,7 +98,22 @@ BUDGETS = {
     "long": {
         "digits": {"steps": 12000, "interval": 1500, "curve_images": 128,
                    "test_images": 360, "k8_images": 64, "evals": ALL_EVALS},
+        # Issue 16: does tn beat u on 8-bit data once the model has trained? The curve
+        # records tn, u and the ELBO of the same images (paired) and the NFE of
+        # evaluation and of sampling; the final evaluation uses the full budget's 128
+        # test images, on which the Gaussian mixture baseline is fitted.
+        "photo_patches": {"steps": 12000, "interval": 2000, "curve_images": 32,
+                          "curve_deqs": ["tn", "u"], "sample_images": 8,
+                          "test_images": 128, "k8_images": 16, "evals": ALL_EVALS[:2]},
     },
+}
+# The settings each data set runs with --budget=long: the best digits setting; on the
+# photo tiles the bin-centre model against the uniform-trained one, then the bin-centre
+# model's second-order fine-tune and its first-order control.
+LONG_SETTINGS = {
+    "digits": [LONG_SETTING],
+    "photo_patches": ["velocity, IS", "velocity, IS, train u-deq",
+                      "velocity, IS + 2nd order", "velocity, IS + 1st order"],
 }
 
 
@@ -129,23 +149,98 @@ def fixed_subset(images, n, seed=0):
   return images[idx]
 
 
-def train_with_curve(config, workdir, test_images, budget):
-  """Trains to config.training.num_steps in chunks, evaluating tn bits/dim after each."""
-  curve = []
+def curve_point(model, images, budget, step):
+  """One point of the training curve on the fixed subset ``images``.
+
+  Plain budgets: tn bits/dim. Budgets with ``curve_deqs``: every listed dequantization
+  with its per-image bound, the per-image ELBO (sde_bpd) of the same images and key, the
+  mean NFE, and the NFE of drawing ``sample_images`` samples (one batch).
+  """
+  if not budget.get("curve_deqs"):
+    _, report = model.bpd(images, jax.random.PRNGKey(1), dequantization="tn")
+    point = {"step": step, "bpd": report["bpd"], "bpd_stderr": report["bpd_stderr"]}
+    print(f"  step {step}: tn {point['bpd']:.4f} (curve subset)", flush=True)
+    return point
+  point = {"step": step}
+  for deq in budget["curve_deqs"]:
+    start = time.perf_counter()
+    rows, report = model.per_image(images, jax.random.PRNGKey(1), dequantization=deq)
+    point[deq] = {"bpd": report["bpd"], "bpd_stderr": report["bpd_stderr"],
+                  "nfe_mean": report["nfe_mean"], "seconds": time.perf_counter() - start,
+                  "per_image": [r["bpd"] for r in rows]}
+  elbo = elbo_per_image(model, images, budget.get("elbo_draws", 16))
+  point["sde"] = {"bpd": float(elbo.mean()),
+                  "bpd_stderr": float(elbo.std(ddof=1) / np.sqrt(len(elbo))),
+                  "draws": budget.get("elbo_draws", 16), "per_image": elbo.tolist()}
+  point["bpd"], point["bpd_stderr"] = point["tn"]["bpd"], point["tn"]["bpd_stderr"]
+  n = budget.get("sample_images", 0)
+  if n:
+    c = model.components
+    shape = (n,) + data_lib.image_shape(model.config.data)
+    sample_fn = make_sample_fn(c.drift, c.schedule, c.num_levels, shape,
+                               sample_settings(model.config))
+    _, nfes = draw(sample_fn, model.params, jax.random.PRNGKey(3), n, n)
+    point["sample_nfe"] = float(np.mean(nfes))
+  print(f"  step {step}: " + ", ".join(f"{d} {point[d]['bpd']:.4f} (NFE {point[d]['nfe_mean']:.0f})"
+                                        for d in budget["curve_deqs"])
+        + f", ELBO {point['sde']['bpd']:.4f}, sampling NFE {point.get('sample_nfe')} "
+        "(curve subset)", flush=True)
+  return point
+
+
+def elbo_per_image(model, images, draws):
+  """Per-image VDM ELBO in bits/dim (sde_bpd), the mean of ``draws`` independent one-time
+  Monte Carlo estimates (one estimate alone is too noisy for a per-image difference)."""
+  c = model.components
+  sde = jax.jit(lambda p, k, key: c.loss_fn(p, k, key, False)[1].sde_nats())
+  k = np.asarray(images)
+  nats = np.mean([np.asarray(sde(model.params, k, jax.random.fold_in(jax.random.PRNGKey(4), j)))
+                  for j in range(draws)], axis=0)
+  return np.asarray(bits_per_dim(-nats, c.dim), np.float64)
+
+
+def _curve_file(workdir):
+  return os.path.join(workdir, "curve.json")
+
+
+def _load_curve(workdir):
+  """Curve points already measured in ``workdir`` (a killed run keeps them)."""
+  try:
+    with open(_curve_file(workdir)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return []
+
+
+def _save_curve(workdir, curve):
+  tmp = _curve_file(workdir) + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(curve, f)
+  os.replace(tmp, _curve_file(workdir))
+
+
+def train_with_curve(config, workdir, test_images, budget, stops=None):
+  """Trains to each step of ``stops`` (default every interval up to
+  config.training.num_steps), evaluating the curve subset after each; points measured
+  by an earlier, killed run of the same workdir are reused."""
   total = config.training.num_steps
-  for stop in range(budget["interval"], total + 1, budget["interval"]):
+  stops = stops or list(range(budget["interval"], total + 1, budget["interval"]))
+  curve = [c for c in _load_curve(workdir) if c["step"] in stops]
+  done = {c["step"] for c in curve}
+  for stop in stops:
+    if stop in done:
+      continue
     config.training.num_steps = stop
     run.train(config, workdir)
-    model = dj.load(workdir)
-    _, report = model.bpd(test_images, jax.random.PRNGKey(1), dequantization="tn")
-    curve.append({"step": stop, "bpd": report["bpd"], "bpd_stderr": report["bpd_stderr"]})
-    print(f"  step {stop}: tn {curve[-1]['bpd']:.4f} (curve subset)", flush=True)
+    curve.append(curve_point(dj.load(workdir), test_images, budget, stop))
+    _save_curve(workdir, curve)
   config.training.num_steps = total
   return curve
 
 
-def evaluate_final(workdir, test_images, k8_images, evals, out=None):
-  """Evaluations in ``evals`` missing from ``out`` (a dict, updated and returned)."""
+def evaluate_final(workdir, test_images, k8_images, evals, out=None, per_image=False):
+  """Evaluations in ``evals`` missing from ``out`` (a dict, updated and returned); with
+  ``per_image`` each keeps its per-image bound and ELBO (for paired differences)."""
   model = dj.load(workdir)
   out = {} if out is None else out
   for deq, k, subset in evals:
@@ -153,11 +248,14 @@ def evaluate_final(workdir, test_images, k8_images, evals, out=None):
     if name in out:
       continue
     images = k8_images if subset == "k8" else test_images
-    _, report = model.bpd(images, jax.random.PRNGKey(2), dequantization=deq,
-                          num_importance=k)
+    rows, report = model.per_image(images, jax.random.PRNGKey(2), dequantization=deq,
+                                   num_importance=k)
     out[name] = {key: report[key] for key in
                           ("bpd", "bpd_stderr", "sde_bpd", "sde_bpd_stderr", "nfe_mean",
                            "num_images")}
+    if per_image:
+      out[name]["per_image"] = [r["bpd"] for r in rows]
+      out[name]["sde_per_image"] = elbo_per_image(model, images, 16).tolist()
     print(f"  {deq} K={k}: {report['bpd']:.4f} +- {report['bpd_stderr']:.4f}", flush=True)
   return out
 
@@ -174,15 +272,22 @@ def run_setting(dataset, setting, budget, runs_dir, test_images, k8_images):
     config.training.num_steps = extra
     config.training.checkpoint_every = extra
     config.training.warmup_steps = 1
-    run.train(config, workdir)
-    curve = []
+    if budget.get("curve_deqs"):
+      # The fine-tune's end on the same curve (its steps count from the source's end).
+      curve = [dict(c, step=c["step"] + base_steps) for c in train_with_curve(
+          config, workdir, fixed_subset(test_images, budget["curve_images"]), budget,
+          stops=[extra])]
+    else:
+      run.train(config, workdir)
+      curve = []
     steps = base_steps + extra
   else:
     curve = train_with_curve(config, workdir, fixed_subset(test_images, budget["curve_images"]),
                              budget)
     steps = budget["steps"]
   result = {"steps": steps, "curve": curve, "train_seconds": time.perf_counter() - start}
-  result["eval"] = evaluate_final(workdir, test_images, k8_images, budget["evals"])
+  result["eval"] = evaluate_final(workdir, test_images, k8_images, budget["evals"],
+                                  per_image=bool(budget.get("curve_deqs")))
   return result
 
 
@@ -208,10 +313,25 @@ def _training_budget(budget):
 
 
 def save_dataset(dataset, per, budget, suffix):
+  """Writes ``per`` merged into the cached results (under a lock: the settings of one data
+  set may run as several processes; each entry is written whole by the process that ran
+  it, so an entry this process has wins and the others are kept). ``per`` gains the
+  entries the other processes finished; returns it."""
   os.makedirs(RESULTS, exist_ok=True)
-  with open(_json_path(dataset, suffix), "w") as f:
-    json.dump({"budget": budget, "results": per}, f, indent=2)
-  _plot(dataset, per, os.path.join(RESULTS, f"convergence_{dataset}{suffix}.png"))
+  path = _json_path(dataset, suffix)
+  with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    merged = dict(load_cached(dataset, budget, suffix))
+    merged.update(per)
+    per.update(merged)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"budget": budget, "results": merged}, f, indent=2)
+    os.replace(tmp, path)
+  _plot(dataset, merged, os.path.join(RESULTS, f"convergence_{dataset}{suffix}.png"))
+  if budget.get("curve_deqs"):
+    _plot_paired(dataset, merged, os.path.join(RESULTS, f"tn_minus_u_{dataset}{suffix}.png"))
+  return per
 
 
 def write_table(budgets, suffix):
@@ -258,10 +378,126 @@ def write_table(budgets, suffix):
                  f"subset): the eps baseline ends at {target:.3f} bits/dim after step "
                  f"{base[-1]['step']}; first checkpoint at or below it: "
                  + "; ".join(reached) + ".")
-  table = "\n".join(lines + [""] + rows + ([""] + notes if notes else [])) + "\n"
+  extra = []
+  for dataset, budget in budgets.items():
+    if budget.get("curve_deqs") and cached[dataset]:
+      extra += [""] + paired_lines(dataset, cached[dataset], budget)
+  table = "\n".join(lines + [""] + rows + ([""] + notes if notes else []) + extra) + "\n"
   with open(os.path.join(RESULTS, f"ablation{suffix}.md"), "w") as f:
     f.write(table)
   print(table, flush=True)
+
+
+def paired(a, b):
+  """Mean and standard error of the per-image differences a - b (same images)."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def _pm(mean_se, digits=3):
+  return f"{mean_se[0]:+.{digits}f} +- {mean_se[1]:.{digits}f}"
+
+
+def paired_lines(dataset, per, budget):
+  """Markdown of the paired curve (tn - u, ODE - ELBO, NFE per step) and of the paired
+  final comparisons, for budgets with ``curve_deqs``."""
+  lines = [f"### {dataset}: paired differences (same images, same keys)", "",
+           f"Curve on a fixed subset of {budget['curve_images']} test images; differences are "
+           "per-image means +- their standard error. `tn - ELBO` is the gap between the "
+           "ODE bound (tn) and the VDM ELBO (sde_bpd; per image the mean of 16 one-time "
+           "Monte Carlo draws) of the same images; eval NFE is the "
+           f"mean of the tn solve, sampling NFE that of {budget.get('sample_images', 0)} "
+           "samples.", "",
+           "| model | step | tn | u | tn - u | ELBO | tn - ELBO | eval NFE (tn / u) | "
+           "sampling NFE |", "|---|---|---|---|---|---|---|---|---|"]
+  for name, res in per.items():
+    if name == "baselines":
+      continue
+    for c in res.get("curve", []):
+      if "tn" not in c or "u" not in c:
+        continue
+      tn, u, sde = c["tn"], c["u"], c["sde"]
+      lines.append(
+          f"| {name} | {c['step']} | {tn['bpd']:.3f} +- {tn['bpd_stderr']:.3f} | "
+          f"{u['bpd']:.3f} +- {u['bpd_stderr']:.3f} | "
+          f"{_pm(paired(tn['per_image'], u['per_image']))} | {sde['bpd']:.3f} | "
+          f"{_pm(paired(tn['per_image'], sde['per_image']))} | "
+          f"{tn['nfe_mean']:.0f} / {u['nfe_mean']:.0f} | {c.get('sample_nfe', float('nan')):.0f} |")
+  gmm = per.get("baselines", {}).get("Gaussian mixture (u-deq)", {})
+  finals = {name: res["eval"] for name, res in per.items()
+            if name != "baselines" and "per_image" in res.get("eval", {}).get("tn_K1", {})}
+
+  def bound(name, deq):
+    e = finals.get(name, {}).get(f"{deq}_K1")
+    return e["per_image"] if e and "per_image" in e else None
+
+  comparisons = [
+      ("bin-centre tn - bin-centre u", ("velocity, IS", "tn"), ("velocity, IS", "u")),
+      ("bin-centre tn - uniform-trained u", ("velocity, IS", "tn"),
+       ("velocity, IS, train u-deq", "u")),
+      ("uniform-trained tn - uniform-trained u", ("velocity, IS, train u-deq", "tn"),
+       ("velocity, IS, train u-deq", "u")),
+      ("2nd-order fine-tune tn - its u", ("velocity, IS + 2nd order", "tn"),
+       ("velocity, IS + 2nd order", "u")),
+      ("2nd-order fine-tune tn - uniform-trained u", ("velocity, IS + 2nd order", "tn"),
+       ("velocity, IS, train u-deq", "u")),
+      ("2nd-order tn - 1st-order control tn", ("velocity, IS + 2nd order", "tn"),
+       ("velocity, IS + 1st order", "tn")),
+  ]
+  rows = []
+  for label, (na, da), (nb, db) in comparisons:
+    a, b = bound(na, da), bound(nb, db)
+    if a is not None and b is not None:
+      rows.append(f"| {label} | {_pm(paired(a, b))} |")
+  for name in finals:
+    a = bound(name, "tn")
+    if a is not None and "per_image" in gmm:
+      rows.append(f"| {name} tn - Gaussian mixture | {_pm(paired(a, gmm['per_image']))} |")
+    if a is not None and "sde_per_image" in finals[name]["tn_K1"]:
+      rows.append(f"| {name}: tn - ELBO | "
+                  f"{_pm(paired(a, finals[name]['tn_K1']['sde_per_image']))} |")
+  if rows:
+    lines += ["", f"Final models on the {budget['test_images']} test images of the table "
+              "(paired):", "", "| difference | bits/dim |", "|---|---|"] + rows
+  return lines
+
+
+def _plot_paired(dataset, per, path):
+  """tn - u, the ODE - ELBO gap and the NFE against training steps, per model."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), layout="constrained")
+  for name, res in per.items():
+    curve = [c for c in res.get("curve", []) if "tn" in c and "u" in c] if name != "baselines" else []
+    if not curve:
+      continue
+    steps = [c["step"] for c in curve]
+    d = [paired(c["tn"]["per_image"], c["u"]["per_image"]) for c in curve]
+    axes[0].errorbar(steps, [m for m, _ in d], yerr=[se for _, se in d], marker="o",
+                     capsize=2, label=name)
+    g = [paired(c["tn"]["per_image"], c["sde"]["per_image"]) for c in curve]
+    axes[1].errorbar(steps, [m for m, _ in g], yerr=[se for _, se in g], marker="o",
+                     capsize=2, label=name)
+    line, = axes[2].plot(steps, [c["tn"]["nfe_mean"] for c in curve], marker="o",
+                         label=f"{name}: eval (tn)")
+    if all("sample_nfe" in c for c in curve):
+      axes[2].plot(steps, [c["sample_nfe"] for c in curve], marker="s", linestyle="--",
+                   color=line.get_color(), label=f"{name}: sampling")
+  axes[0].axhline(0.0, color="gray", linewidth=1)
+  axes[0].set_title(f"{dataset}: tn - u (paired, +- s.e.)")
+  axes[1].set_title("ODE bound (tn) - ELBO (paired, +- s.e.)")
+  axes[2].set_title("NFE per solve")
+  for ax in axes:
+    ax.set_xlabel("training step")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  axes[0].set_ylabel("bits/dim")
+  axes[2].set_ylabel("function evaluations")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def steps_to_reach(curve, target):
@@ -299,7 +535,8 @@ def _plot(dataset, per, path):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--budget", choices=list(BUDGETS), default="full",
-                      help="quick: minutes; full: about two hours; long: 4x full, digits")
+                      help="quick: minutes; full: about two hours; long: 4x full (digits: the "
+                           "best setting; photo_patches: the paired tn vs u study)")
   parser.add_argument("--quick", action="store_true", help="the same as --budget=quick")
   parser.add_argument("--datasets", default=None,
                       help="comma-separated (default: every data set of the budget)")
@@ -307,6 +544,9 @@ def main():
                       help="semicolon-separated setting names (see the module docstring); "
                            "default: all of them, or only the best one with --budget=long")
   parser.add_argument("--runs_dir", default=None, help="where the training runs go")
+  parser.add_argument("--wait", action="store_true",
+                      help="a fine-tune whose source setting is not finished waits for "
+                           "another process to finish it (instead of being skipped)")
   args = parser.parse_args()
   budget_name = "quick" if args.quick else args.budget
   budgets = BUDGETS[budget_name]
@@ -316,9 +556,8 @@ def main():
     if dataset not in budgets:
       parser.error(f"the {budget_name} budget has no {dataset!r}; it has {list(budgets)}")
   runs_dir = args.runs_dir or os.path.join("runs", "ablation" + suffix)
-  settings = (args.settings.split(";") if args.settings
-              else [LONG_SETTING] if budget_name == "long" else list(SETTINGS))
-  for setting in settings:
+  chosen = args.settings.split(";") if args.settings else None
+  for setting in chosen or []:
     if setting not in SETTINGS:
       parser.error(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
 
@@ -329,13 +568,21 @@ def main():
     test_all = data_lib.load_split(cfg.data, "test").images
     test_images = fixed_subset(test_all, budget["test_images"])
     k8_images = fixed_subset(test_all, budget["k8_images"])
+    settings = chosen or (LONG_SETTINGS[dataset] if budget_name == "long" else list(SETTINGS))
     per = load_cached(dataset, budget, suffix)
     if "baselines" not in per:
       print(f"{dataset}: classical baselines", flush=True)
+      if budget.get("curve_deqs"):  # per-image values for the paired differences
+        bits, components = gmm_bits(train_images, test_images)
+        gmm = {"bpd": float(bits.mean()),
+               "bpd_stderr": float(bits.std(ddof=1) / np.sqrt(len(bits))),
+               "components": components, "per_image": bits.tolist()}
+      else:
+        gmm = gmm_bpd(train_images, test_images)
       per["baselines"] = {
           "per-pixel categorical": categorical_bpd(train_images, test_images,
                                                    cfg.data.num_levels),
-          "Gaussian mixture (u-deq)": gmm_bpd(train_images, test_images),
+          "Gaussian mixture (u-deq)": gmm,
       }
       save_dataset(dataset, per, budget, suffix)
     for setting in settings:
@@ -347,6 +594,12 @@ def main():
                          per[setting]["eval"])
           save_dataset(dataset, per, budget, suffix)
         continue
+      if setting in FINETUNE_FROM and FINETUNE_FROM[setting] not in per and args.wait:
+        print(f"{dataset}: {setting!r} waits for {FINETUNE_FROM[setting]!r}", flush=True)
+        while FINETUNE_FROM[setting] not in per:
+          time.sleep(60)
+          per.update({k: v for k, v in load_cached(dataset, budget, suffix).items()
+                      if k not in per})
       if setting in FINETUNE_FROM and FINETUNE_FROM[setting] not in per:
         print(f"{dataset}: skipping {setting!r}: run {FINETUNE_FROM[setting]!r} first",
               flush=True)

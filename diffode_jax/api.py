@@ -102,14 +102,22 @@ class Model:
     LikelihoodError when the solver fails, ConfigError for a bad override, DataError for
     bad images.
     """
+    rows, report = self.per_image(images, key, batch_size, settings=settings,
+                                  **eval_overrides)
+    return np.array([r["bpd"] for r in rows]), report
+
+  def per_image(self, images, key: jax.Array, batch_size: int | None = None, *,
+                settings: EvalSettings | None = None, **eval_overrides) -> tuple[list, dict]:
+    """The rows of eval/per_image.jsonl (one dict per image: index, log_prob, bpd, nfe,
+    sde_bpd, ...) and the report of ``bpd``; arguments as bpd. For paired comparisons
+    that need more than the ODE bound per image (e.g. the ELBO of the same images)."""
     start = time.perf_counter()
     settings = self.eval_settings(settings, **eval_overrides)
     batch_size = batch_size or self.config.eval.batch_size
     rows = self._rows(images, key, settings, batch_size, with_sde=True)
     fields = run_fields(self.config, settings, self.components.schedule, self.step,
                         batch_size)
-    report = bpd_report(fields, rows, time.perf_counter() - start)
-    return np.array([r["bpd"] for r in rows]), report
+    return rows, bpd_report(fields, rows, time.perf_counter() - start)
 
   def log_prob(self, images, key: jax.Array, batch_size: int | None = None, *,
                settings: EvalSettings | None = None, **eval_overrides) -> np.ndarray:
