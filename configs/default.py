@@ -8,7 +8,7 @@ is written to the workdir's config.json and to every report).
 import ml_collections
 
 # The evaluation and sampling defaults are the library's (one definition).
-from diffode_jax import dequantization, ode, sampling
+from diffode_jax import dequantization, ode, precision, sampling
 
 
 def get_config():
@@ -54,6 +54,7 @@ def get_config():
   model.base_measure_skip = True  # output += input (VDM); parity with the official code
   model.second_order = False  # add the second-order flow-matching loss (fine-tuning)
   model.second_order_weight = 0.1  # lambda of the second-order loss
+  model.remat = False  # recompute each ResNet block in the backward pass (less memory, ~1/3 more compute)
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128  # global batch (split over all devices and hosts)
@@ -81,6 +82,7 @@ def get_config():
   training.init_from_optimizer = False  # init_from also carries the Adam moments and count (official fine-tune)
   training.eval_every = 0  # steps between test bits/dim of the EMA params (eval.split, K = 1, eval's keys) in metrics.jsonl (0: off)
   training.eval_images = 128  # first images of eval.split used by those evaluations
+  training.precision = precision.DEFAULT_TRAIN_PRECISION  # matmul/conv precision of the train step: default (XLA's choice: TF32 on A100/H100, 1 bf16 pass on TPU) | high | highest
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.split = "test"  # which split eval_bpd evaluates
@@ -95,6 +97,8 @@ def get_config():
   evaluation.batch_size = 128  # images per ODE solve
   evaluation.num_images = ml_collections.config_dict.placeholder(int)  # None: the whole split
   evaluation.gamma_u = ml_collections.config_dict.placeholder(float)  # u start; None: schedules.default_gamma_u(V) = -11.8 + 2 log(256/V)
+  evaluation.precision = precision.DEFAULT_EVAL_PRECISION  # matmul/conv precision of the likelihood ODE, its divergence and sampling: highest (full float32) | high | default
+  evaluation.exact_trace_chunk = ml_collections.config_dict.placeholder(int)  # divergence=exact: basis tangents per pass (memory ~ chunk); None: all D at once
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_samples = 64  # images drawn by --mode=sample

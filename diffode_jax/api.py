@@ -13,8 +13,11 @@ Evaluation settings come from the config's ``eval`` section; change them per cal
 keyword overrides (``dequantization="u"``) or a whole ``dj.EvalSettings`` (``settings=``).
 The evaluation runs the loop of ``--mode=eval_bpd`` (``likelihood.evaluate_batches``): with
 ``key = dj.eval_key(model.config)`` and the config's batch size the numbers equal
-eval/per_image.jsonl's. Nothing here writes files, and nothing here depends on the
-command-line runner (``diffode_jax.run``). Errors are ``diffode_jax.errors.DiffodeError``s.
+eval/per_image.jsonl's. Every call uses all of this process's devices
+(``jax.local_devices()``): each batch is split over them as in ``--mode=eval_bpd``, so
+the batch size must be a multiple of their number. Nothing here writes files, and nothing
+here depends on the command-line runner (``diffode_jax.run``). Errors are
+``diffode_jax.errors.DiffodeError``s.
 """
 
 from __future__ import annotations
@@ -29,14 +32,14 @@ import ml_collections
 import numpy as np
 
 from diffode_jax import data as data_lib
-from diffode_jax import paths
+from diffode_jax import parallel, paths
 from diffode_jax.checkpoint import restore_for_eval
 from diffode_jax.config import (EvalSettings, eval_settings, finalize_config,
                                 read_workdir_config, sample_settings)
 from diffode_jax.errors import ConfigError, DataError
-from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn
+from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, make_sde_fn
 from diffode_jax.model import Components, build
-from diffode_jax.report import bpd_report, run_fields
+from diffode_jax.report import bpd_report, devices_fields, run_fields
 from diffode_jax.sampling import draw, make_sample_fn
 
 
@@ -74,20 +77,35 @@ class Model:
     data_lib.check_images(images, self.config.data, "images")
     return images
 
+  @property
+  def mesh(self):
+    """The data-parallel mesh of this process's devices that every call uses."""
+    if "mesh" not in self._cache:
+      self._cache["mesh"] = parallel.local_mesh()
+    return self._cache["mesh"]
+
+  def _log_prob_fn(self, settings: EvalSettings):
+    if settings not in self._cache:
+      c = self.components
+      self._cache[settings] = make_log_prob_fn(c.drift, c.schedule, c.num_levels, settings,
+                                               self.mesh)
+    return self._cache[settings]
+
   def _rows(self, images, key, settings: EvalSettings, batch_size: int, with_sde: bool):
     images = self._check(images)
     c = self.components
-    if settings not in self._cache:
-      self._cache[settings] = make_log_prob_fn(c.drift, c.schedule, c.num_levels, settings)
+    log_prob = self._log_prob_fn(settings)
+    if log_prob.mesh is not None:
+      parallel.check_batch(batch_size, "batch_size", self.mesh.size)
     sde_fn = None
     if with_sde:
-      if "sde" not in self._cache:
-        self._cache["sde"] = jax.jit(
-            lambda p, k, key: c.loss_fn(p, k, key, False)[1].sde_nats())
-      sde_fn = self._cache["sde"]
+      sde_key = ("sde", settings.precision)
+      if sde_key not in self._cache:
+        self._cache[sde_key] = make_sde_fn(c.loss_fn, settings, self.mesh)
+      sde_fn = self._cache[sde_key]
     rows = []
-    for batch_rows in evaluate_batches(self._cache[settings], self.params, images,
-                                       batch_size, key, settings, c.dim, sde_fn):
+    for batch_rows in evaluate_batches(log_prob, self.params, images, batch_size, key,
+                                       settings, c.dim, sde_fn):
       rows.extend(batch_rows)
     return rows
 
@@ -117,7 +135,9 @@ class Model:
     rows = self._rows(images, key, settings, batch_size, with_sde=True)
     fields = run_fields(self.config, settings, self.components.schedule, self.step,
                         batch_size)
-    return rows, bpd_report(fields, rows, time.perf_counter() - start)
+    num_devices = self.mesh.size if self._log_prob_fn(settings).mesh is not None else 1
+    return rows, bpd_report(fields, rows, time.perf_counter() - start,
+                            **devices_fields(num_devices))
 
   def log_prob(self, images, key: jax.Array, batch_size: int | None = None, *,
                settings: EvalSettings | None = None, **eval_overrides) -> np.ndarray:
@@ -143,12 +163,13 @@ class Model:
     """n integer images (N, H, W, C) drawn with config.sample's settings
     (``data.level_dtype``: uint8 for V <= 256)."""
     batch_size = batch_size or self.config.sample.batch_size
+    parallel.check_batch(batch_size, "batch_size", self.mesh.size)
     shape = (batch_size,) + data_lib.image_shape(self.config.data)
     cache_key = ("sample", shape)
     if cache_key not in self._cache:
       c = self.components
       self._cache[cache_key] = make_sample_fn(c.drift, c.schedule, c.num_levels, shape,
-                                              sample_settings(self.config))
+                                              sample_settings(self.config), self.mesh)
     images, _ = draw(self._cache[cache_key], self.params, key, n, batch_size)
     return images
 

@@ -15,7 +15,7 @@ import math
 
 import ml_collections
 
-from diffode_jax import ode, paths, storage
+from diffode_jax import ode, paths, precision, storage
 from diffode_jax.data import check_data_config
 from diffode_jax.errors import CheckpointError, ConfigError
 from diffode_jax.likelihood import EvalSettings
@@ -28,7 +28,7 @@ from diffode_jax.train_state import check_training_config
 
 ARCHS = ("unet", "oracle")
 EVAL_OVERRIDES = ("dequantization", "num_importance", "analytic_entropy", "divergence",
-                  "gamma_u")
+                  "gamma_u", "precision", "exact_trace_chunk")
 
 __all__ = ["ARCHS", "ConfigError", "EvalSettings", "SampleSettings", "eval_settings",
            "finalize_config", "read_workdir_config", "sample_settings"]
@@ -63,10 +63,13 @@ def finalize_config(config):
       raise ConfigError(f"training.{name} must be an integer >= 0, got {value!r}")
   if t.eval_every and not t.eval_images:
     raise ConfigError("training.eval_every > 0 needs training.eval_images >= 1")
+  if not isinstance(config.model.remat, bool):
+    raise ConfigError(f"model.remat must be True or False, got {config.model.remat!r}")
   try:
     check_data_config(config.data)
     check_network_config(config.model)
     check_training_config(config.training)
+    precision.check(config.training.precision, "training.precision")
     schedule = make_schedule(config.model)
     make_parameterization(config.model, schedule)
     make_time_sampler(config, schedule)

@@ -10,6 +10,16 @@ dequantizer's log-weight -> importance-weight K samples -> bits/dim.
 
 With K samples the bound is log (1/K) sum_k exp(b_k), i.e. logsumexp(b) - log K; dropping
 the -log K would inflate the likelihood.
+
+Several devices (``mesh``): each batch is one system solved under ``jax.jit`` with its
+rows split over the mesh's devices, so XLA partitions the network and the diffrax loop
+and the step-size control's error norm is a reduction over the whole batch: one step
+sequence and one NFE for the batch, as on one device. The noise is drawn inside the
+solve for the batch's global shape (partitionable threefry: the same numbers under any
+sharding). A batch whose size is not a multiple of the device count is padded with
+copies of its last row; the padding rows take no part in the error norm
+(``ode.rows_rms_norm``) and are dropped from the results. On one device nothing of this
+applies and the computation is the one-device program.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffode_jax import ode
+from diffode_jax import ode, parallel
+from diffode_jax import precision as precision_lib
 from diffode_jax.dequantization import (DEFAULT_EVAL_DEQUANTIZATION, EVAL_DEQUANTIZATIONS,
                                         dequantize)
 from diffode_jax.discretization import nats_to_bpd
@@ -44,6 +55,9 @@ class EvalSettings:
   ``gamma_u`` (the start of the ODE for dequantization ``u``) depends on the bit depth,
   ``schedules.default_gamma_u(V)``; it has no default here and is required (not None)
   with ``dequantization='u'`` only (the config derives it when a run starts).
+  ``precision`` is the matmul / convolution precision of the solve (``precision.py``);
+  ``exact_trace_chunk`` the number of basis tangents per pass of the exact trace (None:
+  all D in one vmap).
   """
 
   dequantization: str = DEFAULT_EVAL_DEQUANTIZATION
@@ -52,6 +66,8 @@ class EvalSettings:
   divergence: str = ode.DEFAULT_DIVERGENCE
   solver: ode.SolverConfig = ode.SolverConfig()
   gamma_u: float | None = None
+  precision: str = precision_lib.DEFAULT_EVAL_PRECISION
+  exact_trace_chunk: int | None = None
 
   def __post_init__(self):
     if self.dequantization not in EVAL_DEQUANTIZATIONS:
@@ -68,6 +84,12 @@ class EvalSettings:
     if self.divergence not in ode.DIVERGENCES:
       raise ValueError(f"unknown divergence {self.divergence!r}; expected one of "
                        f"{ode.DIVERGENCES}")
+    precision_lib.check(self.precision, "eval.precision")
+    chunk = self.exact_trace_chunk
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                              or chunk < 1):
+      raise ValueError(f"eval.exact_trace_chunk must be None or an integer >= 1, got "
+                       f"{chunk!r}")
 
 
 def start_gamma(settings: EvalSettings, schedule: Schedule) -> float:
@@ -99,12 +121,24 @@ class Bound:
   success: bool
 
 
+def _sharded(mesh, settings: EvalSettings) -> bool:
+  """Whether a solve is split over mesh (the scipy host loop always runs on one device)."""
+  return mesh is not None and mesh.size > 1 and settings.solver.solver != "scipy_rk45"
+
+
 def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
-                     settings: EvalSettings):
-  """Returns log_prob(params, k, key) -> Bound for an integer batch k.
+                     settings: EvalSettings, mesh=None):
+  """Returns log_prob(params, k, key, num_real=None) -> Bound for an integer batch k.
 
   ``drift(params, x, gamma)`` is the probability-flow drift of a batch at scalar gamma.
   Each of the K samples draws its own dequantization noise and divergence probe.
+
+  With a ``mesh`` of several devices (see the module docstring) k must be a global batch
+  over it (``place_batch``) whose first ``num_real`` rows are images and the rest
+  padding, and params replicated over it; the bounds of the ``num_real`` rows come back
+  on every process. Without one (or with one device) k is any array on one device.
+  ``log_prob.solve`` is the jitted solve of one sample, (params, k, key, num_real) ->
+  (bounds, nfe, ok), for inspecting what it compiles to.
 
   Caveat for K > 1 with a Hutchinson divergence: the importance-weighted bound needs
   unbiased estimates of p, but Hutchinson gives unbiased estimates of log p, so
@@ -114,6 +148,7 @@ def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
   """
   s = settings
   solver = effective_solver(s, schedule)
+  sharded = _sharded(mesh, s)
   if s.num_importance > 1 and s.divergence != "exact":
     logging.warning("num_importance=%d with a %s (Hutchinson) divergence: the "
                     "importance-weighted bound can be biased upward by the estimator's "
@@ -130,48 +165,110 @@ def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
   def finish(x1, delta, log_weight):
     return prior_log_density(x1, schedule) + delta + log_weight
 
+  chunk = s.exact_trace_chunk
   if s.solver.solver == "scipy_rk45":
-    prepare_jit = jax.jit(prepare)
+    prepare_jit = jax.jit(precision_lib.traced_with(s.precision, prepare))
 
     def field(gamma, state, args):  # one function for all solves: compiled once
       params, probe = args
-      return ode.augmented_vector_field(lambda x, g: drift(params, x, g), probe)(
+      return ode.augmented_vector_field(lambda x, g: drift(params, x, g), probe, chunk)(
           gamma, state, None)
 
-    def one_sample(params, k, key):
+    field = precision_lib.traced_with(s.precision, field)
+
+    def one_sample(params, k, key, num_real):
+      del num_real  # one device: never padded
       deq, probe = prepare_jit(k, key)
       y0 = (deq.z0, jnp.zeros(k.shape[0], jnp.float32))
       (x1, delta), nfe, ok = ode.solve_scipy(field, y0, deq.gamma0, schedule.gamma_max,
                                              solver, args=(params, probe))
       return np.asarray(finish(jnp.asarray(x1), jnp.asarray(delta), deq.log_weight)), nfe, ok
-  else:
 
-    @jax.jit
-    def solve_one(params, k, key):
+    solve = None
+  else:
+    rows = parallel.batch_sharding(mesh) if sharded else None
+
+    def solve_one(params, k, key, num_real):
       deq, probe = prepare(k, key)
-      field = ode.augmented_vector_field(lambda x, g: drift(params, x, g), probe)
-      y0 = (deq.z0, jnp.zeros(k.shape[0], jnp.float32))
+      z0 = deq.z0
+      if rows is not None:  # pin the solve's state to the batch split
+        z0 = jax.lax.with_sharding_constraint(z0, rows)
+        probe = None if probe is None else jax.lax.with_sharding_constraint(probe, rows)
+      field = ode.augmented_vector_field(lambda x, g: drift(params, x, g), probe, chunk)
+      y0 = (z0, jnp.zeros(k.shape[0], jnp.float32))
+      norm = None if num_real is None else ode.rows_rms_norm(num_real)
       (x1, delta), nfe, ok = ode.solve_diffrax(field, y0, deq.gamma0, schedule.gamma_max,
-                                               solver)
+                                               solver, norm)
       return finish(x1, delta, deq.log_weight), nfe, ok
 
-    def one_sample(params, k, key):
-      bound, nfe, ok = solve_one(params, k, key)
-      return np.asarray(bound), int(nfe), bool(ok)
+    solve = jax.jit(precision_lib.traced_with(s.precision, solve_one), static_argnums=3,
+                    out_shardings=parallel.replicated_sharding(mesh) if sharded else None)
 
-  def log_prob(params, k, key) -> Bound:
-    k = jnp.asarray(k)
+    def one_sample(params, k, key, num_real):
+      bound, nfe, ok = solve(params, k, key, num_real)
+      return np.asarray(parallel.local_copy(bound)), int(nfe), bool(ok)
+
+  def log_prob(params, k, key, num_real: int | None = None) -> Bound:
+    rows_total = k.shape[0]
+    if num_real is not None and num_real >= rows_total:
+      num_real = None  # nothing padded
+    if not sharded:
+      k = jnp.asarray(k)
     samples, nfes, success = [], [], True
     for i in range(s.num_importance):
-      bound, nfe, ok = one_sample(params, k, jax.random.fold_in(key, i))
-      samples.append(bound)
+      bound, nfe, ok = one_sample(params, k, jax.random.fold_in(key, i), num_real)
+      samples.append(bound if num_real is None else bound[:num_real])
       nfes.append(nfe)
       success = success and ok
     stacked = np.stack(samples).astype(np.float64)
     combined = _logmeanexp(stacked)
     return Bound(combined, nfes, success)
 
+  log_prob.solve = solve
+  log_prob.mesh = mesh if sharded else None
   return log_prob
+
+
+def make_sde_fn(loss_fn: Callable, settings: EvalSettings, mesh=None):
+  """sde(params, k, key, num_real=None) -> the VDM ELBO (nats) per image of k[:num_real].
+
+  The ELBO terms use the training loss (no dropout) with its own noise and time draws;
+  with a mesh k is a padded global batch as for ``make_log_prob_fn``, and the padding
+  rows are dropped inside the jitted function (the time draws stratify over the real
+  rows only, as on one device).
+  """
+  sharded = _sharded(mesh, settings)
+
+  def sde(params, k, key, num_real):
+    if num_real is not None:
+      k = k[:num_real]
+    return loss_fn(params, k, key, False)[1].sde_nats()
+
+  jitted = jax.jit(precision_lib.traced_with(settings.precision, sde), static_argnums=3,
+                   out_shardings=parallel.replicated_sharding(mesh) if sharded else None)
+
+  def sde_fn(params, k, key, num_real: int | None = None):
+    if num_real is not None and num_real >= k.shape[0]:
+      num_real = None
+    return np.asarray(parallel.local_copy(jitted(params, k, key, num_real)))
+
+  return sde_fn
+
+
+def place_batch(images, lo: int, hi: int, mesh=None):
+  """(batch, num_real) of images[lo:hi] for a log_prob function over mesh.
+
+  Without a mesh of several devices: the rows as a device array, num_real None. With
+  one: a global array over the mesh, padded to a multiple of the device count with
+  copies of row hi - 1 (each process reading only its own devices' rows), and
+  num_real = hi - lo.
+  """
+  if mesh is None or mesh.size == 1:
+    return jnp.asarray(images[lo:hi]), None
+  rows = np.arange(lo, hi)
+  padded = parallel.padded_size(len(rows), mesh)
+  rows = np.concatenate([rows, np.full(padded - len(rows), hi - 1, rows.dtype)])
+  return parallel.place_rows(images, rows, mesh), hi - lo
 
 
 def _logmeanexp(a):
@@ -206,7 +303,8 @@ def settings_report(settings: EvalSettings, schedule: Schedule) -> dict:
           "analytic_entropy": settings.analytic_entropy,
           "divergence": settings.divergence, "solver": settings.solver.solver,
           "rtol": settings.solver.rtol, "atol": settings.solver.atol,
-          "tolerance_scale": ode.tolerance_scale(start_gamma(settings, schedule))}
+          "tolerance_scale": ode.tolerance_scale(start_gamma(settings, schedule)),
+          "precision": settings.precision}
 
 
 def evaluate_batches(log_prob_fn, params, images, batch_size: int, key, settings: EvalSettings,
@@ -216,22 +314,30 @@ def evaluate_batches(log_prob_fn, params, images, batch_size: int, key, settings
   Batch b uses the key ``fold_in(key, b)``, so a resumed loop (first_batch > 0) draws
   exactly the noise an uninterrupted one would. Each row holds ``index``, ``log_prob``
   (nats, the lower bound on log P(k)), ``bpd`` and ``nfe`` (mean over the K samples), and
-  ``sde_bpd`` when ``sde_fn(params, k, key) -> nats`` is given. Raises LikelihoodError on
-  a solver failure or a non-finite bound.
+  ``sde_bpd`` when ``sde_fn`` (``make_sde_fn``) is given. Raises LikelihoodError on a
+  solver failure or a non-finite bound.
+
+  With a log_prob_fn over a mesh of several devices (``make_log_prob_fn(..., mesh)``),
+  params are replicated over it once, every process runs the loop, each placing only its
+  own devices' rows of every batch (``place_batch``), and every process gets every row.
   """
+  mesh = getattr(log_prob_fn, "mesh", None)
+  if mesh is not None:
+    params = parallel.replicate(parallel.local_copy(params),
+                                parallel.replicated_sharding(mesh))
   num_batches = -(-len(images) // batch_size)
   for b in range(first_batch, num_batches):
     lo, hi = b * batch_size, min((b + 1) * batch_size, len(images))
-    k = jnp.asarray(images[lo:hi])
+    k, num_real = place_batch(images, lo, hi, mesh)
     bkey = jax.random.fold_in(key, b)
-    bound = log_prob_fn(params, k, bkey)
+    bound = log_prob_fn(params, k, bkey, num_real)
     check_bound(bound, settings)
     bpd = bits_per_dim(bound.log_prob, dim)
     rows = [{"index": lo + i, "log_prob": float(bound.log_prob[i]), "bpd": float(bpd[i]),
              "nfe": float(np.mean(bound.nfe))} for i in range(hi - lo)]
     if sde_fn is not None:
       sde_key = jax.random.fold_in(bkey, SDE_KEY_INDEX)
-      sde = bits_per_dim(-np.asarray(sde_fn(params, k, sde_key)), dim)
+      sde = bits_per_dim(-np.asarray(sde_fn(params, k, sde_key, num_real)), dim)
       for row, value in zip(rows, sde):
         row["sde_bpd"] = float(value)
     yield rows

@@ -18,7 +18,10 @@ Divergence estimators:
   estimator, but XLA:CPU runs convolution VJPs several times slower inside loops,
   jax-ml/jax#12868; see bench/eval_speed.py.)
 * ``exact``: the full trace from D Jacobian-vector products with the basis vectors, for
-  small images and tests.
+  small images and tests. By default all D tangents go through one ``vmap`` (D copies of
+  the activations at once); ``exact_chunk`` = c evaluates them c at a time
+  (``jax.lax.map`` with ``batch_size``), memory proportional to c, the same numbers bit
+  for bit (tests/test_ode.py).
 
 Solvers: diffrax's adaptive ``tsit5`` / ``dopri5`` (the default, ``DEFAULT_SOLVER``) with a
 PID controller, jit-compiled, the solve never leaving the device; and ``scipy_rk45``, the
@@ -76,8 +79,14 @@ def hutchinson_jvp(fn, x, probe):
   return out, sum_per_example(probe * jv)
 
 
-def drift_and_divergence(drift_fn: DriftFn, x, gamma, probe):
-  """(drift, divergence per image); exact trace when probe is None."""
+def drift_and_divergence(drift_fn: DriftFn, x, gamma, probe, exact_chunk: int | None = None):
+  """(drift, divergence per image); exact trace when probe is None.
+
+  The exact trace takes the D diagonal entries of J from D Jacobian-vector products with
+  the basis vectors: all in one ``vmap`` (``exact_chunk`` None or >= D), or ``exact_chunk``
+  at a time through ``jax.lax.map``, which bounds the memory to that many copies of the
+  network's activations.
+  """
   if probe is not None:
     return hutchinson_jvp(lambda y: drift_fn(y, gamma), x, probe)
   dim = math.prod(x.shape[1:])
@@ -89,16 +98,19 @@ def drift_and_divergence(drift_fn: DriftFn, x, gamma, probe):
     _, jv = jax.jvp(lambda y: drift_fn(y, gamma), (x,), (tangent,))
     return jv.reshape(x.shape[0], -1)[:, i]
 
-  return dx, jax.vmap(diag_entry, out_axes=1)(jnp.arange(dim)).sum(axis=1)
+  if exact_chunk is None or exact_chunk >= dim:
+    return dx, jax.vmap(diag_entry, out_axes=1)(jnp.arange(dim)).sum(axis=1)
+  diagonal = jax.lax.map(diag_entry, jnp.arange(dim), batch_size=int(exact_chunk))  # (D, B)
+  return dx, diagonal.T.sum(axis=1)
 
 
-def augmented_vector_field(drift_fn: DriftFn, probe):
+def augmented_vector_field(drift_fn: DriftFn, probe, exact_chunk: int | None = None):
   """The diffrax-style field f(gamma, (x, l), args) of the augmented ODE."""
 
   def field(gamma, state, args):
     del args
     x, _ = state
-    return drift_and_divergence(drift_fn, x, gamma, probe)
+    return drift_and_divergence(drift_fn, x, gamma, probe, exact_chunk)
 
   return field
 
@@ -155,14 +167,39 @@ def _diffrax_solver(name: str):
   return {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}[name]()
 
 
-def solve_diffrax(field, y0, t0, t1, cfg: SolverConfig):
+def rows_rms_norm(num_rows: int):
+  """The RMS norm of diffrax's error control over the first ``num_rows`` rows only.
+
+  For a batch padded to a multiple of the device count: the padding rows (after the
+  first num_rows) take no part in the step-size control, so the real rows are solved as
+  they would be without them. Same formula as lineax's ``rms_norm`` (the default norm)
+  restricted to those rows.
+  """
+
+  def norm(tree):
+    leaves = jax.tree.leaves(tree)
+    size = sum(num_rows * math.prod(leaf.shape[1:]) for leaf in leaves)
+    total = 0.0
+    for leaf in leaves:
+      keep = (jnp.arange(leaf.shape[0]) < num_rows).reshape((-1,) + (1,) * (leaf.ndim - 1))
+      kept = jnp.where(keep, leaf, 0.0).reshape(-1)
+      total = total + jnp.dot(kept, kept, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sqrt(total) / math.sqrt(size)
+
+  return norm
+
+
+def solve_diffrax(field, y0, t0, t1, cfg: SolverConfig, norm=None):
   """Integrates field from t0 to t1 on device; returns (y1, nfe, success) as arrays.
 
   nfe counts vector-field evaluations: 6 per attempted step of the 7-stage FSAL solvers
-  plus 1 for the start (checked against a counting callback in the tests).
+  plus 1 for the start (checked against a counting callback in the tests). ``norm`` is
+  the error norm of the step-size control (None: diffrax's default RMS norm over the
+  whole state; see ``rows_rms_norm``).
   """
+  extra = {} if norm is None else {"norm": norm}
   controller = diffrax.PIDController(rtol=cfg.rtol, atol=cfg.atol, pcoeff=cfg.pcoeff,
-                                     icoeff=cfg.icoeff, dcoeff=cfg.dcoeff)
+                                     icoeff=cfg.icoeff, dcoeff=cfg.dcoeff, **extra)
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(field), _diffrax_solver(cfg.solver), t0=t0, t1=t1, dt0=None, y0=y0,
       stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True),

@@ -4,7 +4,9 @@ replication and barriers.
 One 1-D mesh axis ``"data"`` spans ``jax.devices()`` (all processes). A global batch is
 split evenly over it; each process holds only its own contiguous slice
 (``data.host_batch``) and ``global_batch`` assembles the global array from those slices.
-Everything here is a no-op or trivial with one process and one device.
+Evaluation places rows of a data set by index instead (``place_rows``): each process
+reads only the rows of its own devices. Everything here is a no-op or trivial with one
+process and one device.
 """
 
 from __future__ import annotations
@@ -20,21 +22,50 @@ from diffode_jax.errors import ConfigError
 T = TypeVar("T")
 
 
-def make_mesh() -> Mesh:
-  """A 1-D data-parallel mesh over every device of every process."""
-  return Mesh(np.array(jax.devices()), ("data",))
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D data-parallel mesh over ``devices`` (default: every device of every process)."""
+  return Mesh(np.array(jax.devices() if devices is None else devices), ("data",))
+
+
+def local_mesh() -> Mesh:
+  """A 1-D data-parallel mesh over this process's devices (the Python API's)."""
+  return make_mesh(jax.local_devices())
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch(batch_size: int, what: str) -> None:
-  """Raises ConfigError unless the global batch splits evenly over all devices."""
-  n = jax.device_count()
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The leading (batch) axis split over the mesh's devices."""
+  return NamedSharding(mesh, P("data"))
+
+
+def check_batch(batch_size: int, what: str, num_devices: int | None = None) -> None:
+  """Raises ConfigError unless the global batch splits evenly over the devices (default:
+  all devices of all processes)."""
+  n = jax.device_count() if num_devices is None else num_devices
   if batch_size % n:
+    processes = jax.process_count() if num_devices is None else 1
     raise ConfigError(f"{what}={batch_size} is not divisible by the {n} devices "
-                      f"({jax.process_count()} process(es)); each takes an equal share")
+                      f"({processes} process(es)); each takes an equal share")
+
+
+def padded_size(rows: int, mesh: Mesh) -> int:
+  """rows rounded up to a multiple of the mesh's device count."""
+  return -(-rows // mesh.size) * mesh.size
+
+
+def place_rows(images: np.ndarray, rows: np.ndarray, mesh: Mesh) -> jax.Array:
+  """The global batch ``images[rows]`` split over the mesh.
+
+  Each process reads (and sends to its devices) only the rows of its own devices,
+  whatever the order of the devices in the mesh.
+  """
+  rows = np.asarray(rows)
+  shape = (len(rows),) + tuple(images.shape[1:])
+  return jax.make_array_from_callback(shape, batch_sharding(mesh),
+                                      lambda index: np.asarray(images[rows[index[0]]]))
 
 
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -68,6 +99,15 @@ def sync(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_chief(value: int) -> int:
+  """Process 0's integer, on every process (a collective; the value itself with one)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
 def on_any_process(flag: bool) -> bool:

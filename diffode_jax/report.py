@@ -28,6 +28,11 @@ def run_fields(config, settings: EvalSettings, schedule: Schedule, checkpoint_st
   return fields
 
 
+def devices_fields(num_devices: int, num_processes: int = 1) -> dict:
+  """How many devices (of how many processes) the solves ran on."""
+  return {"num_devices": int(num_devices), "num_processes": int(num_processes)}
+
+
 def bpd_report(fields: dict, rows: list, wall_time_s: float, **extra) -> dict:
   """The report: ``fields`` (from ``run_fields``), the summary of ``rows``, wall time and
   any extra fields (dataset, split, ...)."""

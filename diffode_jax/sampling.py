@@ -12,6 +12,11 @@ Each returns integers of the data's type, ``data.level_dtype(V)`` (uint8 for V <
 
 ``flow`` is the same ODE between any two times; encoding an image to gamma_max and
 flowing back recovers it up to the solver tolerance (the flow is a bijection).
+
+With a mesh of several devices each batch is one system split over the devices, as in
+``likelihood.py``: x_1 is drawn inside the jitted function for the batch's global shape
+(so every device draws different rows, and the images are those of one device up to the
+solver's accuracy) and the integers come back on every process.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffode_jax import ode
+from diffode_jax import ode, parallel
+from diffode_jax import precision as precision_lib
 from diffode_jax.decoder import decode_argmax, decode_sample
 from diffode_jax.discretization import to_levels
 from diffode_jax.schedules import Schedule
@@ -39,19 +45,23 @@ class SampleSettings:
 
   decode: str = DEFAULT_DECODE
   solver: ode.SolverConfig = ode.SolverConfig()
+  precision: str = precision_lib.DEFAULT_EVAL_PRECISION  # matmul precision (precision.py)
 
   def __post_init__(self):
     if self.decode not in DECODES:
       raise ValueError(f"unknown sample.decode {self.decode!r}; expected one of {DECODES}")
     if self.solver.solver == "scipy_rk45":
       raise ValueError("sampling solves on device: sample.solver must be tsit5 or dopri5")
+    precision_lib.check(self.precision, "eval.precision")
 
 
 def sample_settings(config) -> SampleSettings:
-  """SampleSettings from config.sample (ValueError on a bad choice)."""
+  """SampleSettings from config.sample, with config.eval.precision (ValueError on a bad
+  choice)."""
   s = config.sample
   return SampleSettings(s.decode, ode.SolverConfig(solver=s.solver, rtol=s.rtol, atol=s.atol,
-                                                   max_steps=s.max_steps))
+                                                   max_steps=s.max_steps),
+                        config.eval.precision)
 
 
 def flow(drift, params, x, gamma_from, gamma_to, solver: ode.SolverConfig):
@@ -75,36 +85,52 @@ def to_integers(z0, key, schedule: Schedule, num_levels: int, decode: str):
   raise ValueError(f"unknown decode {decode!r}; expected one of {DECODES}")
 
 
-def make_sample_fn(drift, schedule: Schedule, num_levels: int, shape, settings: SampleSettings):
-  """sample(params, key) -> (integers of shape ``shape`` (B, H, W, C), nfe, success), jitted."""
+def make_sample_fn(drift, schedule: Schedule, num_levels: int, shape, settings: SampleSettings,
+                   mesh=None):
+  """sample(params, key) -> (integers of shape ``shape`` (B, H, W, C), nfe, success), jitted.
 
-  @jax.jit
+  With a ``mesh`` of several devices, B must be a multiple of its device count and params
+  replicated over it (``draw`` does that); the outputs are replicated on every device.
+  """
+  sharded = mesh is not None and mesh.size > 1
+  rows = parallel.batch_sharding(mesh) if sharded else None
+
   def sample(params, key):
     k_noise, k_decode = jax.random.split(key)
     sigma_max = schedule.sigma(jnp.asarray(schedule.gamma_max, jnp.float32))
     x1 = sigma_max * jax.random.normal(k_noise, shape, jnp.float32)
+    if rows is not None:
+      x1 = jax.lax.with_sharding_constraint(x1, rows)
     z0, nfe, ok = flow(drift, params, x1, schedule.gamma_max, schedule.gamma_min,
                        ode.scaled_tolerances(settings.solver, schedule.gamma_min))
     ok = ok & jnp.all(jnp.isfinite(z0))
     return to_integers(z0, k_decode, schedule, num_levels, settings.decode), nfe, ok
 
-  return sample
+  jitted = jax.jit(precision_lib.traced_with(settings.precision, sample),
+                   out_shardings=parallel.replicated_sharding(mesh) if sharded else None)
+  jitted.mesh = mesh if sharded else None
+  return jitted
 
 
 def draw(sample_fn, params, key, num: int, batch_size: int):
   """num integer images from whole batches of sample_fn (batch b uses fold_in(key, b)).
 
   Returns (images (num, H, W, C), NFE per batch). Raises SamplingError on a failed solve.
+  A sample_fn over a mesh of several devices gets params replicated over it once.
   """
+  mesh = getattr(sample_fn, "mesh", None)
+  if mesh is not None:
+    params = parallel.replicate(parallel.local_copy(params),
+                                parallel.replicated_sharding(mesh))
   images, nfes = [], []
   for b in range(-(-num // batch_size)):
     batch, nfe, ok = sample_fn(params, jax.random.fold_in(key, b))
-    if not bool(ok):
+    if not bool(parallel.local_copy(ok)):
       raise SamplingError("the sampling ODE did not reach gamma_min within sample.max_steps "
                           "(or went non-finite); raise sample.max_steps or loosen "
                           "sample.rtol / sample.atol")
-    images.append(np.asarray(batch))
-    nfes.append(int(nfe))
+    images.append(parallel.local_copy(batch))
+    nfes.append(int(parallel.local_copy(nfe)))
   return np.concatenate(images)[:num], nfes
 
 

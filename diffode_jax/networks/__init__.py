@@ -47,4 +47,5 @@ def make_network(config) -> UNet:
       base_measure_skip=m.base_measure_skip,
       gamma_min=m.gamma_min,
       gamma_max=m.gamma_max,
+      remat=bool(m.remat),
   )

@@ -28,10 +28,16 @@ reference configs use so that released checkpoints load exactly:
   sinusoidal frequencies. They differ by about 1e-6 relatively, which 1000 * t turns into
   up to ~1e-4 in the embedding; ``"official"`` reproduces the official numbers to float32
   rounding.
+
+With ``remat`` every ResNet block is rematerialized in the backward pass (``nn.remat``):
+only its inputs are kept for the gradient and its activations are recomputed, which
+trades about a third more compute for the memory of the activations. The blocks keep
+their parameter names either way, so checkpoints do not depend on it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -138,6 +144,7 @@ class UNet(nn.Module):
   base_measure_skip: bool = True
   gamma_min: float = -13.3
   gamma_max: float = 5.0
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, gamma, train: bool = False, cond: Optional[jnp.ndarray] = None):
@@ -158,7 +165,12 @@ class UNet(nn.Module):
       h = jnp.concatenate([x, fourier_features(x, self.fourier_min, self.fourier_max)], -1)
     h = nn.Conv(self.channels, (3, 3))(h)
 
-    block = lambda: ResnetBlock(self.channels, self.dropout, self.num_groups, self.time_proj)
+    # Named as flax names them without remat (nn.remat's class would be
+    # "CheckpointResnetBlock_i"), so that both share one parameter tree.
+    block_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+    index = itertools.count()
+    block = lambda: block_cls(self.channels, self.dropout, self.num_groups, self.time_proj,
+                              name=f"ResnetBlock_{next(index)}")
     attend = lambda h: AttentionBlock(self.num_groups)(h)
     skips = [h]
     for _ in range(self.num_blocks):

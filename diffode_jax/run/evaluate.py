@@ -1,19 +1,27 @@
 """``--mode=eval_bpd``: bits/dim of a checkpoint's EMA params (or the oracle) on eval.split,
-written to eval/per_image.jsonl batch by batch (resumable) and eval/bpd.json (SPEC 5, 8)."""
+written to eval/per_image.jsonl batch by batch (resumable) and eval/bpd.json (SPEC 5, 8).
+
+Every device of every process takes part: each batch of ``eval.batch_size`` images is
+split over the data-parallel mesh (``likelihood.py``), each process placing only its own
+devices' rows, and every process gets every row back. Process 0 alone reads and writes
+eval/: it decides where a resumed evaluation starts and tells the others.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
 import numpy as np
 
 from diffode_jax import data as data_lib
-from diffode_jax import keys, paths, storage
+from diffode_jax import keys, parallel, paths, storage
 from diffode_jax.checkpoint import restore_for_eval
 from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
-from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn
-from diffode_jax.report import bpd_report, run_fields
+from diffode_jax.errors import DataError
+from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, make_sde_fn
+from diffode_jax.report import bpd_report, devices_fields, run_fields
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.console import progress
 from diffode_jax.run.lock import WorkdirLock
@@ -31,6 +39,8 @@ def evaluate(config, workdir: str, explicit=None) -> dict:
   eval/bpd.json.
   """
   config = model_config(config, workdir, explicit)
+  if eval_settings(config).solver.solver != "scipy_rk45":  # the host loop: one device
+    parallel.check_batch(config.eval.batch_size, "eval.batch_size")
   damaged = []
   components, params, ckpt_step = restore_for_eval(config, workdir, damaged=damaged)
   workdir_lib.ensure(workdir)
@@ -54,33 +64,47 @@ def model_config(config, workdir: str, explicit=None):
 
 def _evaluate_locked(config, workdir, components, params, ckpt_step, damaged) -> dict:
   e = config.eval
-  split = data_lib.load_split(config.data, e.split)
-  images = split.images if e.num_images is None else split.images[:e.num_images]
   settings = eval_settings(config)
+  mesh = parallel.make_mesh()
+  split = parallel.chief_first(lambda: data_lib.load_split(config.data, e.split),
+                               "diffode_jax: data eval prepared", (DataError,))
+  images = split.images if e.num_images is None else split.images[:e.num_images]
   log_prob = make_log_prob_fn(components.drift, components.schedule, components.num_levels,
-                              settings)
-  sde_fn = jax.jit(lambda p, k, key: components.loss_fn(p, k, key, False)[1].sde_nats())
+                              settings, mesh)
+  sde_fn = make_sde_fn(components.loss_fn, settings, mesh)
+  num_devices = mesh.size if log_prob.mesh is not None else 1
 
   fields = run_fields(config, settings, components.schedule, ckpt_step, e.batch_size)
   if damaged:
     fields["damaged_checkpoints"] = sorted(damaged)
   data_fields = {"split": e.split, "dataset": split.name, "dataset_version": split.version}
+  is_chief = jax.process_index() == 0
   per_image = workdir_lib.PerImageRows(workdir)
-  first_batch = per_image.start({**fields, **data_fields}, len(images), e.batch_size)
+  first_batch = 0
+  if is_chief:
+    first_batch = per_image.start({**fields, **data_fields}, len(images), e.batch_size)
+  first_batch = parallel.broadcast_from_chief(first_batch)
 
   start = time.perf_counter()
-  bar = progress(len(images), len(per_image.rows), "eval_bpd")
+  bar = progress(len(images), min(first_batch * e.batch_size, len(images)), "eval_bpd")
   try:
     for rows in evaluate_batches(log_prob, params, images, e.batch_size,
                                  keys.eval_key(config), settings, components.dim, sde_fn,
                                  first_batch):
-      per_image.add(rows)
       bar.update(len(rows))
-      bar.set_postfix(bpd=f"{np.mean([r['bpd'] for r in per_image.rows]):.4f}",
-                      nfe=f"{rows[0]['nfe']:.0f}")
+      if is_chief:
+        per_image.add(rows)
+        bar.set_postfix(bpd=f"{np.mean([r['bpd'] for r in per_image.rows]):.4f}",
+                        nfe=f"{rows[0]['nfe']:.0f}")
   finally:
     bar.close()
 
-  report = bpd_report(fields, per_image.rows, time.perf_counter() - start, **data_fields)
-  workdir_lib.write_json(storage.join(paths.eval_dir(workdir), "bpd.json"), report)
+  path = storage.join(paths.eval_dir(workdir), "bpd.json")
+  if is_chief:
+    report = bpd_report(fields, per_image.rows, time.perf_counter() - start, **data_fields,
+                        **devices_fields(num_devices, jax.process_count()))
+    workdir_lib.write_json(path, report)
+  parallel.sync("diffode_jax: eval written")
+  if not is_chief:  # the report process 0 wrote (the workdir is shared)
+    report = json.loads(storage.read_text(path))
   return report

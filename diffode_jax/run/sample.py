@@ -1,19 +1,25 @@
 """``--mode=sample``: images by the reverse probability-flow ODE, written to
-samples/grid.png, samples.npz and sample.json."""
+samples/grid.png, samples.npz and sample.json.
+
+Each batch of ``sample.batch_size`` images is split over every device of every process
+(``sampling.make_sample_fn``); every process gets every image and process 0 alone writes
+samples/.
+"""
 
 from __future__ import annotations
 
 import io
 import time
 
+import jax
 import numpy as np
 from absl import logging
 
 from diffode_jax import data as data_lib
-from diffode_jax import keys, paths, storage
+from diffode_jax import keys, parallel, paths, storage
 from diffode_jax.checkpoint import restore_for_eval
 from diffode_jax.config import sample_settings
-from diffode_jax.report import model_fields
+from diffode_jax.report import devices_fields, model_fields
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.evaluate import model_config
 from diffode_jax.sampling import draw, image_grid, make_sample_fn
@@ -27,35 +33,40 @@ def sample(config, workdir: str, explicit=None) -> str:
   from PIL import Image  # a dependency for the PNG grid only
 
   config = model_config(config, workdir, explicit)
+  s = config.sample
+  mesh = parallel.make_mesh()
+  parallel.check_batch(s.batch_size, "sample.batch_size")
   damaged = []
   components, params, ckpt_step = restore_for_eval(config, workdir, damaged=damaged)
   workdir_lib.ensure(workdir)
-  s = config.sample
   settings = sample_settings(config)
   shape = (s.batch_size,) + data_lib.image_shape(config.data)
   sample_fn = make_sample_fn(components.drift, components.schedule, components.num_levels,
-                             shape, settings)
+                             shape, settings, mesh)
   start = time.perf_counter()
   images, nfes = draw(sample_fn, params, keys.root_key(config, "sample"), s.num_samples,
                       s.batch_size)
   wall = time.perf_counter() - start
 
   out_dir = paths.samples_dir(workdir)
-  storage.makedirs(out_dir)
-  grid = image_grid(images, components.num_levels)
   grid_path = storage.join(out_dir, "grid.png")
-  png = io.BytesIO()
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png, format="PNG")
-  storage.write_bytes(grid_path, png.getvalue())
-  npz = io.BytesIO()
-  np.savez(npz, images=images, nfe=np.asarray(nfes), num_levels=components.num_levels)
-  storage.write_bytes(storage.join(out_dir, "samples.npz"), npz.getvalue())
-  workdir_lib.write_json(storage.join(out_dir, "sample.json"), {
-      "checkpoint_step": ckpt_step, **model_fields(config), "num_samples": len(images),
-      "decode": settings.decode, "solver": settings.solver.solver,
-      "rtol": settings.solver.rtol, "atol": settings.solver.atol,
-      "nfe_mean": float(np.mean(nfes)), "wall_time_s": wall,
-      **({"damaged_checkpoints": sorted(damaged)} if damaged else {})})
-  logging.info("wrote %d samples to %s (NFE %.0f per batch)", len(images), out_dir,
-               np.mean(nfes))
+  if jax.process_index() == 0:
+    storage.makedirs(out_dir)
+    grid = image_grid(images, components.num_levels)
+    png = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png, format="PNG")
+    storage.write_bytes(grid_path, png.getvalue())
+    npz = io.BytesIO()
+    np.savez(npz, images=images, nfe=np.asarray(nfes), num_levels=components.num_levels)
+    storage.write_bytes(storage.join(out_dir, "samples.npz"), npz.getvalue())
+    workdir_lib.write_json(storage.join(out_dir, "sample.json"), {
+        "checkpoint_step": ckpt_step, **model_fields(config), "num_samples": len(images),
+        "decode": settings.decode, "solver": settings.solver.solver,
+        "rtol": settings.solver.rtol, "atol": settings.solver.atol,
+        "precision": settings.precision, **devices_fields(mesh.size, jax.process_count()),
+        "nfe_mean": float(np.mean(nfes)), "wall_time_s": wall,
+        **({"damaged_checkpoints": sorted(damaged)} if damaged else {})})
+    logging.info("wrote %d samples to %s (NFE %.0f per batch)", len(images), out_dir,
+                 np.mean(nfes))
+  parallel.sync("diffode_jax: samples written")
   return grid_path

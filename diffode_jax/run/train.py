@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 
 from diffode_jax import data as data_lib
-from diffode_jax import keys, parallel, paths, storage
+from diffode_jax import keys, parallel, paths, precision, storage
 from diffode_jax.checkpoint import Checkpointer, restore_or_init
 from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
 from diffode_jax.errors import ConfigError, DataError, TrainingError, WorkdirError
@@ -108,9 +108,9 @@ def _train_locked(config, workdir, components, train_data, lock) -> dict:
 
   # A fine-tune keeps its source's EMA: no EMA warm-up, which would mostly forget it.
   ema_warmup = bool(t.ema_warmup) and not t.init_from
-  train_step = jax.jit(
-      make_train_step(components.loss_fn, optimizer, t.ema_decay, components.dim,
-                      augment=bool(config.data.augment), ema_warmup=ema_warmup),
+  train_step = jax.jit(precision.traced_with(t.precision, make_train_step(
+      components.loss_fn, optimizer, t.ema_decay, components.dim,
+      augment=bool(config.data.augment), ema_warmup=ema_warmup)),
       donate_argnums=0, out_shardings=replicated)
   train_key = keys.root_key(config, "train")
   lr_schedule = learning_rate_schedule(t)
