@@ -55,6 +55,16 @@ def start(workdir, *flags, devices=1, mode="train", stderr=subprocess.PIPE, pref
                           env=env(devices), stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
+def start_hosts(workdir, *flags, processes=2, devices=2, mode="train") -> list:
+  """``processes`` main.py processes of one multi-host run (jax.distributed over a free
+  local port), each with ``devices`` fake CPU devices; process 0 first in the list."""
+  address = f"127.0.0.1:{free_port()}"
+  return [start(workdir, *flags, f"--coordinator_address={address}",
+                f"--num_processes={processes}", f"--process_id={i}", devices=devices,
+                mode=mode)
+          for i in range(processes)]
+
+
 def run(workdir, *flags, devices=1, mode="train", timeout=240,
         prefix=()) -> subprocess.CompletedProcess:
   return subprocess.run([*prefix, *main_command(workdir, *flags, mode=mode)], cwd=REPO,
@@ -83,6 +93,13 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def per_image_rows(workdir) -> list[dict]:
+  """The rows of eval/per_image.jsonl (its header line dropped)."""
+  with open(os.path.join(workdir, "eval", "per_image.jsonl")) as f:
+    lines = [json.loads(l) for l in f if l.strip()]
+  return lines[1:]
 
 
 def read_metrics(workdir) -> list[dict]:
