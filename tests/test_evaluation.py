@@ -135,6 +135,8 @@ def test_api_bpd_is_the_eval_loop(trained, loaded):
   for field in ("bpd_stderr", "sde_bpd", "nfe_mean", "dequantization", "num_importance",
                 "solver", "rtol", "atol", "divergence", "wall_time_s"):
     assert field in report, field
+  assert (report["precision"], report["num_devices"], report["num_processes"]) == (
+      "highest", 1, 1)
   log_p = loaded.log_prob(images, key, batch_size=16)
   np.testing.assert_allclose(-log_p / (64 * math.log(2)), bpd, rtol=1e-6)
 

@@ -102,6 +102,9 @@ def test_eval_on_four_devices_and_two_hosts_gives_the_one_device_bounds(trained,
 
   want = procs.per_image_rows(one)
   assert reference["num_devices"] == 1 and reference["precision"] == "highest"
+  written = json.load(open(os.path.join(trained, "config.json")))
+  assert (written["eval"]["precision"], written["training"]["precision"]) == ("highest",
+                                                                              "default")
   for workdir, devices, processes in ((four, 4, 1), (hosts, 4, 2)):
     rows = procs.per_image_rows(workdir)
     assert [r["index"] for r in rows] == list(range(22))

@@ -254,3 +254,35 @@ def test_library_defaults_are_the_config_defaults():
   assert e.gamma_u is None and config.eval.gamma_u is None
   with pytest.raises(ValueError, match="gamma_u"):
     EvalSettings(dequantization="u")
+
+
+def test_chunked_exact_trace_matches_the_one_vmap_trace():
+  """eval.exact_trace_chunk = c evaluates the D basis tangents c at a time
+  (jax.lax.map): the one-vmap trace to float32 roundoff, with temporaries that shrink
+  with c. Not bit for bit on XLA:CPU, which compiles a product of few rows and
+  GroupNorm's tangent reductions differently for c and for D tangents (measured: dots
+  of fewer than 20-64 rows; GroupNorm at any two vmap sizes)."""
+  from diffode_jax.networks.unet import UNet
+
+  net = UNet(channels=8, num_blocks=1, embed_dim=16, num_groups=4, attention=False)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  params = net.init({"params": jax.random.key(1, impl="rbg")}, x, jnp.zeros((4,)))["params"]
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.default_rng(2)  # the zero-initialized output layer makes a trivial drift
+  params = jax.tree.unflatten(tree, [l + 0.05 * jnp.asarray(rng.standard_normal(l.shape),
+                                                               l.dtype) for l in leaves])
+  drift = lambda y, g: net.apply({"params": params}, y, g)
+
+  def trace(chunk):
+    fn = jax.jit(lambda x: ode.drift_and_divergence(drift, x, jnp.float32(0.3), None, chunk))
+    return fn(x), fn.lower(x).compile().memory_analysis().temp_size_in_bytes
+
+  (dx, one_vmap), full_bytes = trace(None)
+  assert np.array_equal(trace(64)[0][1], one_vmap)  # c >= D is the one vmap itself
+  temps = []
+  for chunk in (7, 16):  # 64 = 9 * 7 + 1: a remainder chunk too
+    (dx_c, div), temp_bytes = trace(chunk)
+    np.testing.assert_array_equal(dx_c, dx)
+    np.testing.assert_allclose(div, one_vmap, rtol=1e-5)
+    temps.append(temp_bytes)
+  assert temps[0] < temps[1] < full_bytes / 2, (temps, full_bytes)
