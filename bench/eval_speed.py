@@ -29,6 +29,28 @@ their standard errors over the images. Writes bench/results/eval_speed.{json,md}
 
 The drift of a freshly initialized network is trivial (zero-initialized output layer),
 hence the brief training (plain params, not the EMA, which would barely move).
+
+Two further parts, separate from the table above (which they do not change):
+
+    python bench/eval_speed.py --study    # solver tolerance study, ~15 min on 2 CPU cores
+    python bench/eval_speed.py --exact    # memory and time of the chunked exact trace, ~5 min
+
+``--study``: bits/dim and NFE of the same test images with the same keys at rtol = atol
+in {1e-3, 1e-4, 1e-5, 1e-6}, for a digits model (``--digits_workdir``, default
+runs/digits_demo of ``make demo`` if it has a checkpoint, else configs/digits.py trained
+here for ``--study_steps`` steps) and an 8-bit photo_patches model (configs/photo_patches.py,
+trained here likewise), EMA params, eval_bpd's settings otherwise. Per tolerance: the
+mean bits/dim, its difference from the 1e-6 mean, the largest per-image difference from
+1e-6, NFE and seconds. It also solves the same digits batch as 4 and 8 independent
+shards (what per-device step-size control, e.g. shard_map, would do) to compare their
+NFE with the one global solve. Writes bench/results/tolerance_study.{json,md}; the
+workdirs it trains are kept under runs/bench_tolerance/ (a rerun reuses them).
+
+``--exact``: ``eval.exact_trace_chunk`` on the photo tiles (D = 192): the compiled
+temporaries of one drift + exact-divergence evaluation at batch 128 and its time at
+batch 16, for the one-vmap trace and chunks of 64, 16 and 4, and the largest relative
+difference of the chunked traces from the one-vmap one. Writes
+bench/results/exact_trace.{json,md}.
 """
 
 from __future__ import annotations
@@ -233,6 +255,186 @@ def table(rows, header):
   return "\n".join(lines)
 
 
+STUDY_TOLERANCES = (1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def trained_workdir(get_config, workdir: str, steps: int) -> str:
+  """workdir after training get_config() for ``steps`` steps there (reused when done)."""
+  from diffode_jax import run
+
+  config = get_config()
+  config.training.num_steps = steps
+  config.training.checkpoint_every = steps
+  config.training.tensorboard = False
+  start = time.perf_counter()
+  run.train(config, workdir)
+  print(f"{workdir}: trained or reused in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+  return workdir
+
+
+def study_model(label: str, workdir: str, num_images: int, batch: int, shards=()):
+  """One model's rows of the tolerance study (same images and keys at every tolerance)."""
+  import diffode_jax as dj
+
+  model = dj.load(workdir)
+  images = data.load_split(model.config.data, "test").images[:num_images]
+  key = dj.eval_key(model.config)
+  out = {"model": label, "workdir": workdir, "checkpoint_step": model.step,
+         "images": len(images), "batch": batch, "rows": []}
+  per_image = {}
+  for tol in STUDY_TOLERANCES:
+    start = time.perf_counter()
+    bpd, report = model.bpd(images, key, batch_size=batch, rtol=tol, atol=tol)
+    per_image[tol] = bpd
+    out["rows"].append({"tol": tol, "bpd": report["bpd"], "bpd_stderr": report["bpd_stderr"],
+                        "nfe": report["nfe_mean"], "seconds": time.perf_counter() - start})
+    print(f"{label} tol {tol:g}: {report['bpd']:.4f} NFE {report['nfe_mean']:.0f}",
+          file=sys.stderr)
+  ref = per_image[min(STUDY_TOLERANCES)]
+  for row in out["rows"]:
+    diff = per_image[row["tol"]] - ref
+    row["mean_minus_ref"] = float(diff.mean())
+    row["max_abs_image_minus_ref"] = float(np.abs(diff).max())
+    row["mean_abs_image_minus_ref"] = float(np.abs(diff).mean())
+  if shards:  # per-shard step-size control: each shard of the first batch solved alone
+    settings = model.eval_settings()
+    c = model.components
+    log_prob = make_log_prob_fn(c.drift, c.schedule, c.num_levels, settings)
+    first = jnp.asarray(images[:batch])
+    bkey = jax.random.fold_in(key, 0)
+    whole = log_prob(model.params, first, bkey)
+    out["global_nfe"] = int(whole.nfe[0])
+    out["shards"] = []
+    for n in shards:
+      size = batch // n
+      nfes = [int(log_prob(model.params, first[i * size:(i + 1) * size], bkey).nfe[0])
+              for i in range(n)]
+      out["shards"].append({"shards": n, "shard_size": size, "nfe": nfes})
+  return out
+
+
+def study_table(models, header) -> str:
+  lines = [header, "",
+           "| model | rtol = atol | bits/dim | mean - mean at 1e-6 | largest per-image "
+           "difference from 1e-6 | mean per-image difference | NFE | NFE / NFE at 1e-5 "
+           "| seconds |", "|---|---|---|---|---|---|---|---|---|"]
+  for m in models:
+    nfe5 = next(r["nfe"] for r in m["rows"] if r["tol"] == 1e-5)
+    for r in m["rows"]:
+      lines.append(f"| {m['model']} | {r['tol']:g} | {r['bpd']:.4f} +- {r['bpd_stderr']:.4f} "
+                   f"| {r['mean_minus_ref']:+.4f} | {r['max_abs_image_minus_ref']:.4f} "
+                   f"| {r['mean_abs_image_minus_ref']:.4f} | {r['nfe']:.0f} "
+                   f"| {r['nfe'] / nfe5:.2f} | {r['seconds']:.0f} |")
+  for m in models:
+    if "shards" in m:
+      lines += ["", f"{m['model']}, first batch of {m['batch']} at rtol = atol = 1e-5: one "
+                f"global solve takes NFE {m['global_nfe']}; solved as independent shards "
+                "(per-device step-size control):", "",
+                "| shards | images each | NFE per shard | largest |", "|---|---|---|---|"]
+      for sh in m["shards"]:
+        lines.append(f"| {sh['shards']} | {sh['shard_size']} | "
+                     f"{', '.join(map(str, sh['nfe']))} | {max(sh['nfe'])} |")
+  return "\n".join(lines)
+
+
+def run_study(args):
+  from configs import photo_patches
+
+  root = os.path.join(os.path.dirname(RESULTS), "..", "runs", "bench_tolerance")
+  root = os.path.normpath(root)
+  digits_dir = args.digits_workdir
+  demo = os.path.normpath(os.path.join(os.path.dirname(RESULTS), "..", "runs", "digits_demo"))
+  if digits_dir is None and os.path.isdir(os.path.join(demo, "checkpoints")):
+    digits_dir = demo
+  if digits_dir is None:
+    digits_dir = trained_workdir(digits.get_config, os.path.join(root, "digits"),
+                                 args.study_steps)
+  photo_dir = trained_workdir(photo_patches.get_config, os.path.join(root, "photo_patches"),
+                              args.study_steps)
+  models = [study_model("digits (17 levels)", digits_dir, 128, 128, shards=(4, 8)),
+            study_model("photo_patches (256 levels)", photo_dir, 64, 64)]
+  device = jax.devices()[0]
+  header = (f"Solver tolerance study on {device.platform} ({os.cpu_count()} CPUs), jax "
+            f"{jax.__version__}: the same test images and keys (eval_bpd's) at every "
+            f"tolerance, tn, K = 1, Rademacher, dopri5, EMA params; digits: "
+            f"{models[0]['workdir']} step {models[0]['checkpoint_step']}, photo_patches: "
+            f"{models[1]['workdir']} step {models[1]['checkpoint_step']}.")
+  text = study_table(models, header)
+  print(text)
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, "tolerance_study.json"), "w") as f:
+    json.dump({"platform": device.platform, "jax": jax.__version__,
+               "python": platform.python_version(), "args": vars(args), "models": models},
+              f, indent=2)
+  with open(os.path.join(RESULTS, "tolerance_study.md"), "w") as f:
+    f.write(text + "\n")
+
+
+def run_exact(args):
+  """Memory and time of the chunked exact trace on 8-bit photo tiles (D = 192)."""
+  from configs import photo_patches
+
+  config = photo_patches.get_config()
+  config.model.dropout = 0.0
+  config = finalize_config(config)
+  components = build(config)
+  root = os.path.normpath(os.path.join(os.path.dirname(RESULTS), "..", "runs",
+                                       "bench_tolerance", "photo_patches"))
+  if os.path.isdir(os.path.join(root, "checkpoints")):
+    import diffode_jax as dj
+
+    params, source = dj.load(root).params, f"{root} (EMA params)"
+  else:  # a perturbed initialization: the zero-initialized output layer is trivial
+    params = components.init_params(jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(params)
+    rng = np.random.default_rng(0)
+    params = jax.tree.unflatten(tree, [l + 0.02 * jnp.asarray(rng.standard_normal(l.shape),
+                                                              l.dtype) for l in leaves])
+    source = "initialization + N(0, 0.02^2) noise"
+  test = data.load_split(config.data, "test").images
+  x_all = (2.0 * jnp.asarray(test[:128], jnp.float32) + 1.0) / 256.0 - 1.0
+  gamma = jnp.asarray(-5.0, jnp.float32)
+  rows, reference = [], None
+  for chunk in (None, 64, 16, 4):
+    fn = jax.jit(lambda p, x, chunk=chunk: ode.drift_and_divergence(
+        lambda y, g: components.drift(p, y, g), x, gamma, None, chunk))
+    start = time.perf_counter()
+    memory = fn.lower(params, x_all).compile().memory_analysis()
+    compile_s = time.perf_counter() - start
+    x = x_all[:16]
+    jax.block_until_ready(fn(params, x))  # compile at batch 16
+    seconds, (_, div) = median_time(lambda: fn(params, x), 3)
+    div = np.asarray(div)
+    if reference is None:
+      reference = div
+    rows.append({"chunk": chunk or 192, "one_vmap": chunk is None,
+                 "temp_bytes_batch128": int(memory.temp_size_in_bytes),
+                 "compile_s_batch128": compile_s, "seconds_batch16": seconds,
+                 "max_rel_diff": float(np.max(np.abs(div - reference) / np.abs(reference)))})
+    print(f"chunk {chunk}: {rows[-1]}", file=sys.stderr)
+  device = jax.devices()[0]
+  header = (f"Exact trace (divergence=exact) of one drift evaluation on photo tiles "
+            f"(8x8x3, D = 192) on {device.platform} ({os.cpu_count()} CPUs), jax "
+            f"{jax.__version__}; network of configs/photo_patches.py ({source}); memory: "
+            f"compiled temporaries at batch 128, time: median of 3 at batch 16.")
+  lines = [header, "", "| basis tangents per pass | temporaries, batch 128 | seconds per "
+           "evaluation, batch 16 | largest relative difference from the one vmap |",
+           "|---|---|---|---|"]
+  for r in rows:
+    label = f"{r['chunk']} (one vmap, eval.exact_trace_chunk=None)" if r["one_vmap"] else (
+        f"{r['chunk']} (eval.exact_trace_chunk={r['chunk']})")
+    lines.append(f"| {label} | {r['temp_bytes_batch128'] / 2**20:.0f} MiB | "
+                 f"{r['seconds_batch16']:.2f} | {r['max_rel_diff']:.1e} |")
+  text = "\n".join(lines)
+  print(text)
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, "exact_trace.json"), "w") as f:
+    json.dump({"platform": device.platform, "jax": jax.__version__, "source": source,
+               "rows": rows}, f, indent=2)
+  with open(os.path.join(RESULTS, "exact_trace.md"), "w") as f:
+    f.write(text + "\n")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="smaller networks and batch")
@@ -242,7 +444,18 @@ def main():
   parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of every solver")
   parser.add_argument("--vjp-steps", type=int, default=16,
                       help="solver steps timed for the (slow) vjp variant")
+  parser.add_argument("--study", action="store_true", help="the solver tolerance study")
+  parser.add_argument("--digits_workdir", default=None,
+                      help="--study: a digits workdir (default runs/digits_demo if trained)")
+  parser.add_argument("--study_steps", type=int, default=1000,
+                      help="--study: training steps of the models it trains itself")
+  parser.add_argument("--exact", action="store_true",
+                      help="memory and time of the chunked exact trace")
   args = parser.parse_args()
+  if args.study:
+    return run_study(args)
+  if args.exact:
+    return run_exact(args)
   sizes = QUICK_SIZES if args.quick else SIZES
   args.batch = args.batch or 8
   args.train_steps = args.train_steps or (20 if args.quick else 40)
