@@ -34,11 +34,15 @@ def test_one_and_eight_devices_give_the_same_run(tmp_path):
   assert sorted(procs.losses(tmp_path / "eight")) == [1, 2, 3, 4]
 
 
-def test_batch_not_divisible_by_devices_is_one_line(tmp_path):
+@pytest.mark.parametrize("mode, field", [("train", "training.batch_size"),
+                                         ("eval_bpd", "eval.batch_size"),
+                                         ("sample", "sample.batch_size")])
+def test_batch_not_divisible_by_devices_is_one_line(tmp_path, mode, field):
   workdir = tmp_path / "run"
-  result = procs.run(workdir, *procs.overrides(training__batch_size=12), devices=8)
+  flag = field.replace(".", "__")
+  result = procs.run(workdir, *procs.overrides(**{flag: 12}), devices=8, mode=mode)
   assert result.returncode == 1
   lines = procs.error_lines(result.stderr)
-  assert lines == ["error: training.batch_size=12 is not divisible by the 8 devices "
+  assert lines == [f"error: {field}=12 is not divisible by the 8 devices "
                    "(1 process(es)); each takes an equal share"], result.stderr
   assert not workdir.exists()
