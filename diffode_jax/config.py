@@ -29,6 +29,12 @@ from diffode_jax.train_state import check_training_config
 ARCHS = ("unet", "oracle")
 EVAL_OVERRIDES = ("dequantization", "num_importance", "analytic_entropy", "divergence",
                   "gamma_u", "precision", "exact_trace_chunk")
+# Fields that do not change what a workdir trained, with the value a workdir written
+# before they existed used; read_workdir_config fills them in when config.json lacks them.
+ADDED_FIELDS = {("model", "remat"): False,
+                ("training", "precision"): precision.DEFAULT_TRAIN_PRECISION,
+                ("eval", "precision"): precision.DEFAULT_EVAL_PRECISION,
+                ("eval", "exact_trace_chunk"): None}
 
 __all__ = ["ARCHS", "ConfigError", "EvalSettings", "SampleSettings", "eval_settings",
            "finalize_config", "read_workdir_config", "sample_settings"]
@@ -211,7 +217,11 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   if not storage.exists(path):
     raise CheckpointError(f"no config.json in {workdir!r}: not a training workdir")
   try:
-    config = ml_collections.ConfigDict(json.loads(storage.read_text(path)))
+    raw = json.loads(storage.read_text(path))
+    for (section, name), value in ADDED_FIELDS.items():
+      if isinstance(raw, dict) and isinstance(raw.get(section), dict):
+        raw[section].setdefault(name, value)
+    config = ml_collections.ConfigDict(raw)
   except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
     raise CheckpointError(f"{path} is not a valid config.json ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:120]})") from None

@@ -53,3 +53,22 @@ def test_fourier_frequencies_follow_the_bit_depth(levels, expected):
   config.model.fourier_min = 10
   with pytest.raises(ConfigError, match="fourier_min"):
     finalize_config(config)
+
+
+def test_config_json_of_an_older_version_gets_the_fields_that_do_not_change_training(
+    tmp_path):
+  """config.json written before model.remat, training.precision, eval.precision and
+  eval.exact_trace_chunk existed still loads, with the values such a run used."""
+  import json
+
+  from configs import digits
+  from diffode_jax.config import read_workdir_config
+
+  written = finalize_config(digits.get_config()).to_dict()
+  for section, name in (("model", "remat"), ("training", "precision"),
+                        ("eval", "precision"), ("eval", "exact_trace_chunk")):
+    del written[section][name]
+  (tmp_path / "config.json").write_text(json.dumps(written))
+  config = read_workdir_config(str(tmp_path))
+  assert (config.model.remat, config.training.precision, config.eval.precision,
+          config.eval.exact_trace_chunk) == (False, "default", "highest", None)
