@@ -271,6 +271,23 @@ def place_batch(images, lo: int, hi: int, mesh=None):
   return parallel.place_rows(images, rows, mesh), hi - lo
 
 
+def process_rows(num_images: int, batch_size: int, mesh) -> np.ndarray:
+  """The sorted distinct indices of images[:num_images] that this process's devices read
+  over a whole ``evaluate_batches`` loop (``place_batch``'s layout: each batch padded with
+  copies of its last row, split over the mesh): what a process of a multi-host evaluation
+  needs to load."""
+  sharding = parallel.batch_sharding(mesh)
+  held = []
+  for lo in range(0, num_images, batch_size):
+    hi = min(lo + batch_size, num_images)
+    rows = np.arange(lo, hi)
+    padded = parallel.padded_size(len(rows), mesh)
+    rows = np.concatenate([rows, np.full(padded - len(rows), hi - 1, rows.dtype)])
+    for index in sharding.addressable_devices_indices_map((padded,)).values():
+      held.append(rows[index[0]])
+  return np.unique(np.concatenate(held)) if held else np.zeros(0, np.int64)
+
+
 def _logmeanexp(a):
   """log (1/K) sum_k exp(a_k) over the leading axis, in float64."""
   top = a.max(axis=0)

@@ -241,6 +241,14 @@ def create_exclusive(p, data: bytes) -> bool:
   return True
 
 
+def size(p) -> int:
+  """The size of file p in bytes."""
+  if is_remote(p):
+    with _Translate():
+      return int(path(p).stat().length)
+  return os.path.getsize(os.fspath(p))
+
+
 def mtime(p) -> float:
   """When p was last modified (seconds since the epoch; whole seconds in a bucket)."""
   if is_remote(p):

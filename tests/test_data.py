@@ -153,7 +153,56 @@ def test_any_tfds_image_data_set_by_name():
     data.load_split(_data_config(dataset="tfds"), "train")
 
 
+def test_mock_cifar10_some_rows_are_those_of_the_whole_split():
+  # A process of a multi-host evaluation loads only its rows (records filtered by index
+  # before their PNG is decoded); they must be the whole split's rows, same version.
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=7):
+    whole = data.load_split(_data_config(dataset="cifar10"), "test")
+    part = data.load_split(_data_config(dataset="cifar10"), "test", lambda n: [0, 2, 6])
+    none = data.load_split(_data_config(dataset="cifar10"), "test", lambda n: [])
+  _check_some_rows(whole, part, [0, 2, 6])
+  assert none.images.shape == whole.images.shape and len(none.images.local) == 0
+
+
+def _check_some_rows(whole, part, rows):
+  assert isinstance(part.images, data.SomeRows) and part.version == whole.version
+  assert part.images.shape == whole.images.shape and len(part.images) == len(whole)
+  assert part.images.dtype == whole.images.dtype
+  np.testing.assert_array_equal(part.images[np.array(rows)], whole.images[rows])
+  np.testing.assert_array_equal(part.images[rows[-1]], whole.images[rows[-1]])
+  missing = next(i for i in range(len(whole)) if i not in rows)
+  with pytest.raises(IndexError, match="not held"):
+    part.images[np.array([rows[0], missing])]
+  first = part.images[:rows[1] + 1]  # eval.num_images: the first n, still partial
+  assert len(first) == rows[1] + 1 and list(first.rows) == rows[:2]
+
+
+def test_embedded_some_rows():
+  config_data = _data_config(dataset="digits", image_size=8, channels=1, num_levels=17)
+  whole = data.load_split(config_data, "test")
+  _check_some_rows(whole, data.load_split(config_data, "test", lambda n: [5, 7, n - 1]),
+                   [5, 7, len(whole) - 1])
+
+
 # ----------------------------------------------------------------------------- folders
+
+
+def test_image_folder_reads_only_the_selected_files(tmp_path, monkeypatch):
+  from diffode_jax.data import image_folder
+
+  images = _images(5)
+  for i, image in enumerate(images):
+    _png(tmp_path / "test" / f"{i}.png", image)
+  _png(tmp_path / "train" / "0.png", images[0])
+  config_data = _folder_config(tmp_path)
+  whole = data.load_split(config_data, "test")
+  read = []
+  original = image_folder._read_bytes
+  monkeypatch.setattr(image_folder, "_read_bytes", lambda p: read.append(p) or original(p))
+  part = data.load_split(config_data, "test", lambda n: [1, 4])
+  assert sorted(os.path.basename(p) for p in read) == ["1.png", "4.png"]
+  _check_some_rows(whole, part, [1, 4])
 
 
 def _png(path, array):

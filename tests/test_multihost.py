@@ -99,6 +99,12 @@ def test_eval_on_four_devices_and_two_hosts_gives_the_one_device_bounds(trained,
   outputs = _finish_all(running)
   # Every process prints the report of process 0.
   assert outputs[1][0].splitlines()[-1] == outputs[2][0].splitlines()[-1]
+  # Each host loaded only its devices' rows: batches of 8 over 2 hosts x 2 devices give
+  # host 0 rows 0-3, 8-11, 16-19 and host 1 rows 4-7, 12-15 and 20-21 (the last batch,
+  # 16-21, is padded with copies of row 21).
+  assert "process 0 of 2 loaded 12 of the 22 images of digits/test" in outputs[1][1]
+  assert "process 1 of 2 loaded 10 of the 22 images of digits/test" in outputs[2][1]
+  assert "loaded" not in outputs[0][1]  # one process holds everything
 
   want = procs.per_image_rows(one)
   assert reference["num_devices"] == 1 and reference["precision"] == "highest"

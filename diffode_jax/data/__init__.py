@@ -27,27 +27,45 @@ from diffode_jax.data.batching import batch_indices, epoch_permutation, host_bat
 from diffode_jax.data.embedded import DIGITS_TRAIN_SIZE
 from diffode_jax.data.image_folder import is_held_out
 from diffode_jax.data.levels import level_dtype
-from diffode_jax.data.spec import (DATASETS, ImageData, check_data_config, check_images,
-                                   image_shape)
+import numpy as np
+
+from diffode_jax.data.spec import (DATASETS, ImageData, SomeRows, check_data_config,
+                                   check_images, image_shape)
 from diffode_jax.errors import DataError
 
-__all__ = ["DataError", "ImageData", "DATASETS", "DIGITS_TRAIN_SIZE", "load_split",
+__all__ = ["DataError", "ImageData", "SomeRows", "DATASETS", "DIGITS_TRAIN_SIZE", "load_split",
            "check_images", "check_data_config", "image_shape", "level_dtype", "host_batch",
            "batch_indices", "epoch_permutation", "is_held_out"]
 
 
-def load_split(config_data, split: str) -> ImageData:
-  """Loads one split ('train' or 'test') and checks it against the config."""
+def load_split(config_data, split: str, select=None) -> ImageData:
+  """Loads one split ('train' or 'test') and checks it against the config.
+
+  ``select(n)``, given the split's image count n, may return the sorted distinct row
+  indices to load (None: all): the split's images are then a ``SomeRows`` holding only
+  those, read and decoded alone where the source allows (tfds records are filtered
+  before decoding, an image folder reads only those files; the version string is the
+  same as a whole load's).
+  """
   name = config_data.dataset
   if split not in ("train", "test"):
     raise DataError(f"unknown split {split!r}; expected 'train' or 'test'")
+  select = select or (lambda n: None)
   if name in embedded.NAMES:
     images, version = embedded.load(name, split)
+    rows = select(len(images))
+    if rows is not None:
+      images = SomeRows(images[np.asarray(rows, np.int64)], rows, len(images))
   elif name in tfds_sets.NAMES:
-    images, version = tfds_sets.load(name, config_data, split)
+    images, version = tfds_sets.load(name, config_data, split, select)
   elif name == "image_folder":
-    images, version = image_folder.load(config_data, split)
+    images, version = image_folder.load(config_data, split, select)
   else:
     raise DataError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-  check_images(images, config_data, f"{name}/{split}")
+  if not isinstance(images, SomeRows):
+    check_images(images, config_data, f"{name}/{split}")
+  elif images.total == 0:
+    raise DataError(f"{name}/{split}: no images")
+  elif len(images.local):  # a process may hold none of a small split
+    check_images(images.local, config_data, f"{name}/{split}")
   return ImageData(images, name, split, version)

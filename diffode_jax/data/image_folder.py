@@ -23,7 +23,7 @@ import numpy as np
 
 from diffode_jax import storage
 from diffode_jax.data.levels import as_levels
-from diffode_jax.data.spec import image_shape, shape_fields
+from diffode_jax.data.spec import SomeRows, image_shape, shape_fields
 from diffode_jax.errors import DataError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -102,8 +102,10 @@ def _read_all(paths: list[str]):
     yield from map(_read_bytes, paths)
 
 
-def load(config_data, split: str) -> tuple[np.ndarray, str]:
-  """Images of one split of an image folder, and a version string naming its contents."""
+def load(config_data, split: str, select=None) -> tuple[np.ndarray, str]:
+  """Images of one split of an image folder, and a version string naming its contents
+  (file names and sizes). With ``select``: a ``SomeRows`` of the files ``select(N)``
+  returns, the only ones read (the others' sizes come from a listing)."""
   root = config_data.folder
   if not root:
     raise DataError("data.dataset=image_folder needs --config.data.folder=<dir>")
@@ -111,12 +113,12 @@ def load(config_data, split: str) -> tuple[np.ndarray, str]:
   if problem:
     raise DataError(f"image folder {root!r}: {problem}")
   try:
-    return _load(config_data, root, split)
+    return _load(config_data, root, split, select)
   except OSError as e:  # listing a folder (a bucket's error arrives as OSError)
     raise DataError(f"image folder {root!r}: {storage.describe(e)}") from None
 
 
-def _load(config_data, root: str, split: str) -> tuple[np.ndarray, str]:
+def _load(config_data, root: str, split: str, select=None) -> tuple[np.ndarray, str]:
   if not storage.isdir(root):
     raise DataError(f"image folder {root!r} does not exist")
   if storage.isdir(storage.join(root, "train")):
@@ -135,22 +137,37 @@ def _load(config_data, root: str, split: str) -> tuple[np.ndarray, str]:
     raise DataError(f"image folder {folder!r} holds no PNG or JPEG images for split {split!r}")
 
   want = image_shape(config_data)
-  images = None
-  fingerprint = hashlib.sha1()
   paths = [storage.join(folder, rel) for rel in files]
-  for i, (rel, path, contents) in enumerate(zip(files, paths, _read_all(paths))):
+  rows = None if select is None else select(len(files))
+  chosen = range(len(files)) if rows is None else [int(r) for r in rows]
+  sizes = {} if rows is None else {i: storage.size(paths[i]) for i in range(len(files))}
+  images = None
+  for i, (row, contents) in enumerate(zip(chosen, _read_all([paths[r] for r in chosen]))):
+    path = paths[row]
     arr = read_image(path, contents)
     if arr.shape != want:
       raise DataError(f"image {path!r} has shape {arr.shape}, the config expects {want} "
                       f"({shape_fields(config_data)})")
     if images is None:
-      images = np.empty((len(files),) + want, arr.dtype)
+      images = np.empty((len(chosen),) + want, arr.dtype)
     elif arr.dtype != images.dtype:
       raise DataError(f"image folder {folder!r} mixes bit depths: {path!r} has "
-                      f"{8 * arr.dtype.itemsize}-bit pixels, {files[0]!r} "
+                      f"{8 * arr.dtype.itemsize}-bit pixels, {files[chosen[0]]!r} "
                       f"{8 * images.dtype.itemsize}-bit")
     images[i] = arr
-    fingerprint.update(f"{rel}\0{len(contents)}\0".encode())
+    sizes[row] = len(contents)
+  if images is None:  # this process holds none of the files
+    images = np.zeros((0,) + want, _listed_dtype(paths[0]))
+  fingerprint = hashlib.sha1()
+  for i, rel in enumerate(files):
+    fingerprint.update(f"{rel}\0{sizes[i]}\0".encode())
   images, suffix = as_levels(images, config_data, f"image folder {folder!r}", "the files")
   version = f"folder:{len(files)}files:sha1-{fingerprint.hexdigest()[:12]}" + suffix
+  if rows is not None:
+    images = SomeRows(images, rows, len(files))
   return images, version
+
+
+def _listed_dtype(path: str):
+  """The pixel dtype of the first file (for an empty share of a split)."""
+  return read_image(path, _read_bytes(path)).dtype

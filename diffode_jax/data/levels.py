@@ -42,7 +42,7 @@ def as_levels(images: np.ndarray, config_data, what: str, holder: str):
       wide = np.uint16 if bits == 8 else np.uint32  # p * V < 2^(2b); not 8x the memory
       images = images.astype(wide) * wide(v) // full
       suffix += f":reduced-to-{v}"
-    elif int(images.max()) >= v:
+    elif images.size and int(images.max()) >= v:
       raise DataError(
           f"{what}: pixel value {int(images.max())} does not fit data.num_levels={v}; "
           f"{holder} must hold levels 0..{v - 1}, or set --config.data.reduce_bits=True "

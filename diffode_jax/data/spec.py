@@ -17,15 +17,63 @@ DATASETS = ("digits", "photo_patches", "cifar10", "imagenet32_old", "imagenet32_
 
 @dataclasses.dataclass(frozen=True)
 class ImageData:
-  """Integer images (N, H, W, C) of one split (``level_dtype``), with their name and version."""
+  """Integer images (N, H, W, C) of one split (``level_dtype``), with their name and version.
 
-  images: np.ndarray
+  ``images`` is an array, or a ``SomeRows`` when only some rows were loaded (a process of a
+  multi-host evaluation holds only the rows its devices evaluate).
+  """
+
+  images: "np.ndarray | SomeRows"
   name: str
   split: str
   version: str
 
   def __len__(self):
     return self.images.shape[0]
+
+
+class SomeRows:
+  """The rows ``rows`` (sorted, distinct) of a split of ``total`` images, indexed like the
+  whole split: ``x[i]`` / ``x[int array]`` for held rows, ``x[:n]`` for the first n images
+  (still partial), ``len`` and ``shape`` of the whole. Indexing a row that is not held is
+  an IndexError (a bug of whoever chose the rows, never of the data)."""
+
+  def __init__(self, images: np.ndarray, rows, total: int):
+    self.local = images
+    self.rows = np.asarray(rows, np.int64)
+    self.total = int(total)
+    if len(self.rows) != len(images):
+      raise ValueError(f"{len(self.rows)} row indices for {len(images)} images")
+    if len(self.rows) and (np.any(np.diff(self.rows) <= 0) or self.rows[0] < 0
+                           or self.rows[-1] >= self.total):
+      raise ValueError(f"row indices must be sorted, distinct and below {self.total}")
+
+  @property
+  def shape(self):
+    return (self.total,) + tuple(self.local.shape[1:])
+
+  @property
+  def dtype(self):
+    return self.local.dtype
+
+  def __len__(self):
+    return self.total
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      if index.start not in (None, 0) or index.step not in (None, 1):
+        raise IndexError("SomeRows slices only as [:n]")
+      n = min(self.total, self.total if index.stop is None else int(index.stop))
+      keep = self.rows < n
+      return SomeRows(self.local[keep], self.rows[keep], n)
+    wanted = np.asarray(index, np.int64)
+    where = np.searchsorted(self.rows, wanted)
+    held = (where < len(self.rows)) & (self.rows[np.minimum(where, len(self.rows) - 1)]
+                                       == wanted) if len(self.rows) else np.zeros_like(
+                                           wanted, bool)
+    if not np.all(held):
+      raise IndexError(f"rows {np.unique(wanted[~held])[:8].tolist()} are not held here")
+    return self.local[where]
 
 
 def image_shape(config_data) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffode_jax.data.levels import as_levels
+from diffode_jax.data.spec import SomeRows
 from diffode_jax.errors import DataError
 
 BUILDERS = {
@@ -32,8 +33,10 @@ BUILDERS = {
 NAMES = tuple(BUILDERS) + ("tfds",)
 
 
-def load(name: str, config_data, split: str) -> tuple[np.ndarray, str]:
-  """All images of a tfds split as one array (N, H, W, C) of levels, and '<builder>:<version>'."""
+def load(name: str, config_data, split: str, select=None) -> tuple[np.ndarray, str]:
+  """All images of a tfds split as one array (N, H, W, C) of levels (or a ``SomeRows`` of
+  the rows ``select(N)`` returns, filtered before their images are decoded), and
+  '<builder>:<version>'."""
   import tensorflow_datasets as tfds
 
   if name == "tfds":
@@ -50,20 +53,29 @@ def load(name: str, config_data, split: str) -> tuple[np.ndarray, str]:
     else:
       builder = tfds.builder(builder_name, data_dir=config_data.tfds_data_dir)
       builder.download_and_prepare()
-    ds = builder.as_dataset(split=splits[split], shuffle_files=False)
     if image_key not in builder.info.features:
       raise DataError(f"tfds data set {builder_name!r} has no feature {image_key!r} (set "
                       f"data.tfds_image_key); it has {sorted(builder.info.features)}")
-    chunks = [np.asarray(b[image_key]) for b in tfds.as_numpy(ds.batch(1024))]
+    rows = None
+    if select is not None:
+      total = _num_records(builder, splits[split], image_key)
+      rows = select(total)
+    if rows is None:
+      ds = builder.as_dataset(split=splits[split], shuffle_files=False)
+      chunks = [np.asarray(b[image_key]) for b in tfds.as_numpy(ds.batch(1024))]
+      total = sum(len(c) for c in chunks)
+    else:
+      rows = np.asarray(rows, np.int64)
+      chunks = _some_rows(builder, splits[split], image_key, rows, total)
   except DataError:
     raise
   except Exception as e:  # tfds' many failure types (download, missing files, decoding)
     first = (str(e).strip().splitlines() or [""])[0][:300]
     raise DataError(f"cannot load tfds data set {builder_name!r} split {splits[split]!r}: "
                     f"{type(e).__name__}: {first}") from None
-  if not chunks:
+  if not total:
     raise DataError(f"tfds data set {builder_name!r} split {splits[split]!r} is empty")
-  images = np.concatenate(chunks)
+  images = np.concatenate(chunks) if chunks else _no_images(builder.info.features[image_key])
   if images.ndim == 3:  # a feature without a channel axis
     images = images[..., None]
   if images.dtype not in (np.uint8, np.uint16):
@@ -72,7 +84,57 @@ def load(name: str, config_data, split: str) -> tuple[np.ndarray, str]:
   images, suffix = as_levels(images, config_data,
                             f"tfds data set {builder_name!r} split {splits[split]!r}",
                             "the data set")
+  if rows is not None:
+    images = SomeRows(images, rows, total)
   return images, f"{builder_name}:{builder.info.version}" + suffix
+
+
+def _num_records(builder, split: str, image_key: str) -> int:
+  """The record count of a split: from the builder's metadata, else the dataset's
+  cardinality, else counted without decoding an image."""
+  import tensorflow_datasets as tfds
+
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except (KeyError, ValueError):
+    pass
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip(builder, image_key))
+  count = int(ds.cardinality())
+  return count if count >= 0 else sum(1 for _ in tfds.as_numpy(ds.map(lambda ex: 0)))
+
+
+def _skip(builder, image_key: str):
+  """tfds decoders that keep an encoded image feature undecoded (None for other features)."""
+  import tensorflow_datasets as tfds
+
+  if isinstance(builder.info.features[image_key], tfds.features.Image):
+    return {image_key: tfds.decode.SkipDecoding()}
+  return None
+
+
+def _some_rows(builder, split: str, image_key: str, rows: np.ndarray, total: int) -> list:
+  """The images of the records ``rows`` of a split, in order, as numpy chunks: records are
+  filtered by index before their image is decoded (an encoded image feature is read
+  without decoding, then decoded for the kept records only)."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  feature = builder.info.features[image_key]
+  decoders = _skip(builder, image_key)
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+  keep = np.zeros(total, bool)
+  keep[rows] = True
+  keep = tf.constant(keep)
+  ds = ds.enumerate().filter(lambda i, ex: keep[i]).map(lambda i, ex: ex[image_key])
+  if decoders:
+    ds = ds.map(feature.decode_example)
+  return [np.asarray(b) for b in tfds.as_numpy(ds.batch(1024))]
+
+
+def _no_images(feature) -> np.ndarray:
+  """An empty (0, H, W, C) array of the feature's dtype (a process holding no rows)."""
+  shape = tuple(d or 0 for d in feature.shape)
+  return np.zeros((0,) + shape, np.dtype(feature.np_dtype))
 
 
 def _imagenet32_new_builder(config_data):

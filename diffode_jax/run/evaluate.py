@@ -10,6 +10,7 @@ eval/: it decides where a resumed evaluation starts and tells the others.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import jax
@@ -20,7 +21,8 @@ from diffode_jax import keys, parallel, paths, storage
 from diffode_jax.checkpoint import restore_for_eval
 from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
 from diffode_jax.errors import DataError
-from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, make_sde_fn
+from diffode_jax.likelihood import (evaluate_batches, make_log_prob_fn, make_sde_fn,
+                                    process_rows)
 from diffode_jax.report import bpd_report, devices_fields, run_fields
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.console import progress
@@ -62,15 +64,42 @@ def model_config(config, workdir: str, explicit=None):
   return finalize_config(reconcile_with_workdir(config, saved, explicit))
 
 
+def _load_eval_split(config, mesh):
+  """eval.split; with several processes each loads only the rows its devices evaluate
+  (``likelihood.process_rows``). Process 0 loads first (it may prepare a tfds data set);
+  a DataError on any process stops every process (the others with a line naming it)."""
+  e = config.eval
+  select = None
+  if mesh is not None and jax.process_count() > 1:
+    def select(n):
+      return process_rows(n if e.num_images is None else min(n, e.num_images),
+                          e.batch_size, mesh)
+  split, error = None, None
+  try:
+    split = parallel.chief_first(lambda: data_lib.load_split(config.data, e.split, select),
+                                 "diffode_jax: data eval prepared", (DataError,))
+  except DataError as err:
+    error = err
+  if parallel.on_any_process(error is not None):
+    raise error or DataError(f"another process could not load eval.split={e.split!r} "
+                             "(its error is in that process's output)")
+  if isinstance(split.images, data_lib.SomeRows):
+    evaluated = len(split.images) if e.num_images is None else min(len(split.images),
+                                                                    e.num_images)
+    print(f"eval_bpd: process {jax.process_index()} of {jax.process_count()} loaded "
+          f"{len(split.images.local)} of the {evaluated} images of {split.name}/{e.split}",
+          file=sys.stderr, flush=True)
+  return split
+
+
 def _evaluate_locked(config, workdir, components, params, ckpt_step, damaged) -> dict:
   e = config.eval
   settings = eval_settings(config)
   mesh = parallel.make_mesh()
-  split = parallel.chief_first(lambda: data_lib.load_split(config.data, e.split),
-                               "diffode_jax: data eval prepared", (DataError,))
-  images = split.images if e.num_images is None else split.images[:e.num_images]
   log_prob = make_log_prob_fn(components.drift, components.schedule, components.num_levels,
                               settings, mesh)
+  split = _load_eval_split(config, mesh if log_prob.mesh is not None else None)
+  images = split.images if e.num_images is None else split.images[:e.num_images]
   sde_fn = make_sde_fn(components.loss_fn, settings, mesh)
   num_devices = mesh.size if log_prob.mesh is not None else 1
 
