@@ -208,3 +208,19 @@ def test_sample_on_four_devices_writes_distinct_images(trained, tmp_path):
   assert len({image.tobytes() for image in images}) == 6
   report = json.load(open(os.path.join(workdir, "samples", "sample.json")))
   assert report["num_devices"] == 4 and report["precision"] == "highest"
+
+
+def test_a_held_eval_lock_stops_every_host_with_one_line(trained, tmp_path):
+  # Process 0 alone takes eval/.lock; when it cannot, the other process must not be left
+  # waiting for it in a collective.
+  from diffode_jax.run.lock import WorkdirLock
+
+  workdir = _copy(trained, tmp_path, "locked")
+  with WorkdirLock(os.path.join(workdir, "eval", ".lock"), "eval_bpd"):
+    running = procs.start_hosts(workdir, *_flags(), mode="eval_bpd")
+    for proc in running:
+      _, err = procs.finish(proc, timeout=240)
+      assert proc.returncode == 1, err
+      lines = procs.error_lines(err)
+      assert len(lines) == 1 and "in use by another" in lines[0], err
+  assert not os.path.exists(os.path.join(workdir, "eval", "per_image.jsonl"))

@@ -26,7 +26,7 @@ from diffode_jax.likelihood import (evaluate_batches, make_log_prob_fn, make_sde
 from diffode_jax.report import bpd_report, devices_fields, run_fields
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.console import progress
-from diffode_jax.run.lock import WorkdirLock
+from diffode_jax.run.lock import WorkdirLock, acquire_on_chief
 
 
 def evaluate(config, workdir: str, explicit=None) -> dict:
@@ -48,8 +48,11 @@ def evaluate(config, workdir: str, explicit=None) -> dict:
   workdir_lib.ensure(workdir)
   lock = WorkdirLock(storage.join(paths.eval_dir(workdir), ".lock"), "eval_bpd",
                      enabled=jax.process_index() == 0)
-  with lock:
+  acquire_on_chief(lock)
+  try:
     return _evaluate_locked(config, workdir, components, params, ckpt_step, damaged)
+  finally:
+    lock.release()
 
 
 def model_config(config, workdir: str, explicit=None):

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from diffode_jax import storage
+from diffode_jax import parallel, storage
 from diffode_jax.errors import WorkdirError
 
 HEARTBEAT_S = 10.0
@@ -130,3 +130,15 @@ class WorkdirLock:
   def __exit__(self, *exc):
     self.release()
     return False
+
+
+def acquire_on_chief(lock: WorkdirLock) -> None:
+  """Process 0 takes the lock (the others' locks are disabled); every process learns
+  whether it could, so none is left waiting in a collective when it could not."""
+  error = None
+  try:
+    lock.acquire()
+  except WorkdirError as e:
+    error = e
+  if parallel.on_any_process(error is not None):
+    raise error or WorkdirError("the workdir is in use by another run (see process 0)")

@@ -16,13 +16,13 @@ from diffode_jax import data as data_lib
 from diffode_jax import keys, parallel, paths, precision, storage
 from diffode_jax.checkpoint import Checkpointer, restore_or_init
 from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
-from diffode_jax.errors import ConfigError, DataError, TrainingError, WorkdirError
+from diffode_jax.errors import ConfigError, DataError, TrainingError
 from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, summarize
 from diffode_jax.model import build
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.console import StopSignal, progress
 from diffode_jax.run.guard import DivergenceGuard
-from diffode_jax.run.lock import WorkdirLock
+from diffode_jax.run.lock import WorkdirLock, acquire_on_chief
 from diffode_jax.train_state import (learning_rate_schedule, make_optimizer, make_train_step,
                                      schedule_count)
 
@@ -58,22 +58,11 @@ def train(config, workdir: str, explicit=None) -> dict:
   components = build(config)
   is_chief = jax.process_index() == 0
   lock = WorkdirLock(storage.join(workdir, ".train.lock"), "train", enabled=is_chief)
-  _acquire_on_chief(lock)
+  acquire_on_chief(lock)
   try:
     return _train_locked(config, workdir, components, train_data, lock)
   finally:
     lock.release()
-
-
-def _acquire_on_chief(lock) -> None:
-  """Process 0 takes the lock; every process learns whether it could."""
-  error = None
-  try:
-    lock.acquire()
-  except WorkdirError as e:
-    error = e
-  if parallel.on_any_process(error is not None):
-    raise error or WorkdirError("the workdir is in use by another run (see process 0)")
 
 
 def _train_locked(config, workdir, components, train_data, lock) -> dict:
