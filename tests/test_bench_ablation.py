@@ -76,3 +76,71 @@ def test_every_budget_trains_to_its_last_curve_point():
       assert set(map(tuple, budget["evals"])) <= set(ablation.ALL_EVALS), (name, dataset)
   assert ablation.LONG_SETTING in ablation.SETTINGS
   assert ablation.LONG_SETTING not in ablation.FINETUNE_FROM
+
+
+def test_paired_difference_and_its_standard_error():
+  a, b = [3.0, 2.0, 4.5, 1.0], [2.5, 2.0, 3.5, 1.5]
+  mean, se = ablation.paired(a, b)
+  d = [0.5, 0.0, 1.0, -0.5]  # by hand: mean 0.25, sample sd sqrt(0.41667), n = 4
+  assert mean == pytest.approx(sum(d) / 4)
+  assert se == pytest.approx((sum((x - 0.25) ** 2 for x in d) / 3) ** 0.5 / 2)
+
+
+def test_settings_run_as_two_processes_keep_each_others_results(tmp_path, monkeypatch):
+  # Two processes share ablation_<data>_long.json: each saves the entries it ran, read
+  # at start or not, and neither may drop the other's.
+  monkeypatch.setattr(ablation, "RESULTS", str(tmp_path))
+  monkeypatch.setattr(ablation, "_plot", lambda *a: None)
+  monkeypatch.setattr(ablation, "_plot_paired", lambda *a: None)
+  budget = ablation.BUDGETS["long"]["photo_patches"]
+  first = {"baselines": {}}
+  second = {"baselines": {}}  # both loaded before either finished a setting
+  first["velocity, IS"] = {"steps": 1, "curve": [], "eval": {}}
+  ablation.save_dataset("photo_patches", first, budget, "_long")
+  second["velocity, IS, train u-deq"] = {"steps": 2, "curve": [], "eval": {}}
+  ablation.save_dataset("photo_patches", second, budget, "_long")
+  cached = ablation.load_cached("photo_patches", budget, "_long")
+  assert set(cached) == {"baselines", "velocity, IS", "velocity, IS, train u-deq"}
+  assert "velocity, IS" in second  # the saving process learns the other's entries
+
+
+def test_long_photo_budget_curve_points_survive_a_killed_run(tmp_path, monkeypatch):
+  # train_with_curve reuses the points a killed run measured and trains only the rest.
+  trained, measured = [], []
+  monkeypatch.setattr(ablation.run, "train", lambda c, w: trained.append(c.training.num_steps))
+  monkeypatch.setattr(ablation.dj, "load", lambda w: None)
+
+  def point(model, images, budget, step):
+    measured.append(step)
+    return {"step": step, "bpd": 1.0}
+
+  monkeypatch.setattr(ablation, "curve_point", point)
+  budget = dict(ablation.BUDGETS["long"]["photo_patches"], steps=30, interval=10)
+  config = ablation.make_config("photo_patches", "velocity, IS", budget)
+  workdir = str(tmp_path)
+  ablation._save_curve(workdir, [{"step": 10, "bpd": 2.0}])  # what the killed run left
+  curve = ablation.train_with_curve(config, workdir, None, budget)
+  assert trained == [20, 30] and measured == [20, 30]
+  assert [c["step"] for c in curve] == [10, 20, 30] and curve[0]["bpd"] == 2.0
+  assert ablation._load_curve(workdir) == curve and config.training.num_steps == 30
+
+
+def test_paired_table_rows_from_per_image_values():
+  budget = ablation.BUDGETS["long"]["photo_patches"]
+  def bound(values):
+    return {"bpd": sum(values) / len(values), "bpd_stderr": 0.1, "nfe_mean": 100.0,
+            "per_image": values}
+  point = {"step": 2000, "tn": bound([3.0, 3.2, 3.1]), "u": bound([2.9, 3.0, 3.1]),
+           "sde": bound([2.5, 2.6, 2.7]), "sample_nfe": 300.0}
+  final = {"tn_K1": dict(bound([3.0, 3.0, 3.0]), sde_per_image=[2.0, 2.0, 2.0]),
+           "u_K1": bound([2.0, 2.5, 3.0])}
+  per = {"baselines": {"Gaussian mixture (u-deq)": dict(bound([2.0, 2.0, 2.0]))},
+         "velocity, IS": {"curve": [point], "eval": final}}
+  lines = "\n".join(ablation.paired_lines("photo_patches", per, budget))
+  row = next(line for line in lines.splitlines() if line.startswith("| velocity, IS | 2000"))
+  cells = [c.strip() for c in row.split("|")[1:-1]]
+  assert cells[4] == "+0.100 +- 0.058"  # differences 0.1, 0.2, 0.0 (sd 0.1, n = 3)
+  assert cells[6] == "+0.500 +- 0.058" and cells[7] == "100 / 100" and cells[8] == "300"
+  assert "| bin-centre tn - bin-centre u | +0.500 +- 0.289 |" in lines
+  assert "| velocity, IS tn - Gaussian mixture | +1.000 +- 0.000 |" in lines
+  assert "| velocity, IS: tn - ELBO | +1.000 +- 0.000 |" in lines
