@@ -361,13 +361,7 @@ def run_study(args):
             f"{models[1]['workdir']} step {models[1]['checkpoint_step']}.")
   text = study_table(models, header)
   print(text)
-  os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, "tolerance_study.json"), "w") as f:
-    json.dump({"platform": device.platform, "jax": jax.__version__,
-               "python": platform.python_version(), "args": vars(args), "models": models},
-              f, indent=2)
-  with open(os.path.join(RESULTS, "tolerance_study.md"), "w") as f:
-    f.write(text + "\n")
+  write_results("tolerance_study", text, {"args": vars(args), "models": models})
 
 
 def run_exact(args):
@@ -427,11 +421,18 @@ def run_exact(args):
                  f"{r['seconds_batch16']:.2f} | {r['max_rel_diff']:.1e} |")
   text = "\n".join(lines)
   print(text)
+  write_results("exact_trace", text, {"source": source, "rows": rows})
+
+
+def write_results(stem: str, text: str, payload: dict) -> None:
+  """bench/results/<stem>.md (the table) and <stem>.json (payload, with the platform)."""
+  device = jax.devices()[0]
   os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, "exact_trace.json"), "w") as f:
-    json.dump({"platform": device.platform, "jax": jax.__version__, "source": source,
-               "rows": rows}, f, indent=2)
-  with open(os.path.join(RESULTS, "exact_trace.md"), "w") as f:
+  with open(os.path.join(RESULTS, f"{stem}.json"), "w") as f:
+    json.dump({"platform": device.platform, "device_kind": device.device_kind,
+               "jax": jax.__version__, "python": platform.python_version(), **payload},
+              f, indent=2)
+  with open(os.path.join(RESULTS, f"{stem}.md"), "w") as f:
     f.write(text + "\n")
 
 
@@ -471,14 +472,8 @@ def main():
             f"rtol = atol = {args.tol:g}, median of {args.repeats} runs.")
   text = table(rows, header)
   print(text)
-  os.makedirs(RESULTS, exist_ok=True)
-  suffix = "_quick" if args.quick else ""
-  with open(os.path.join(RESULTS, f"eval_speed{suffix}.json"), "w") as f:
-    json.dump({"platform": device.platform, "device_kind": device.device_kind,
-               "jax": jax.__version__, "python": platform.python_version(),
-               "args": vars(args), "rows": rows}, f, indent=2)
-  with open(os.path.join(RESULTS, f"eval_speed{suffix}.md"), "w") as f:
-    f.write(text + "\n")
+  write_results("eval_speed" + ("_quick" if args.quick else ""), text,
+                {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
