@@ -221,3 +221,37 @@ def snapshot(root):
       with open(path, "rb") as f:
         out[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
   return out
+
+
+def count_evaluated_batches(monkeypatch) -> list:
+  """Patches run/evaluate's evaluate_batches to record the first image index of every
+  batch it computes; returns that (growing) list."""
+  import importlib
+
+  computed = []
+  evaluate_module = importlib.import_module("diffode_jax.run.evaluate")
+  original = evaluate_module.evaluate_batches
+
+  def counting(*args, **kwargs):
+    for batch in original(*args, **kwargs):
+      computed.append(batch[0]["index"])
+      yield batch
+
+  monkeypatch.setattr(evaluate_module, "evaluate_batches", counting)
+  return computed
+
+
+def large_save_script(directory: str) -> str:
+  """Python source that saves a 256 MiB step 2 with the project's Checkpointer into
+  ``directory``, printing "saving" first (to be killed during the save)."""
+  import textwrap
+
+  return textwrap.dedent(f"""
+      import numpy as np
+      from diffode_jax.checkpoint import Checkpointer
+      ckpt = Checkpointer({str(directory)!r})
+      big = {{"params": {{f"w{{i}}": np.random.rand(1024, 1024).astype(np.float32)
+                          for i in range(64)}}, "step": np.asarray(2, np.int32)}}
+      print("saving", flush=True)
+      ckpt.save(2, big)
+  """)

@@ -1,6 +1,5 @@
 """Evaluation, sampling and the Python API on one briefly trained tiny digits checkpoint."""
 
-import importlib
 import io
 import json
 import math
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 
 import diffode_jax as dj
+import procs
 import tiny
 from diffode_jax import cli, data, run
 from diffode_jax.checkpoint import CheckpointError
@@ -97,16 +97,7 @@ def test_eval_resume_redoes_only_missing_batches(trained, monkeypatch):
       f.write(json.dumps(r) + "\n")
     f.write(json.dumps(rows[20])[:15])
 
-  computed = []
-  evaluate_module = importlib.import_module("diffode_jax.run.evaluate")
-  original = evaluate_module.evaluate_batches
-
-  def counting(*args, **kwargs):
-    for batch in original(*args, **kwargs):
-      computed.append(batch[0]["index"])
-      yield batch
-
-  monkeypatch.setattr(evaluate_module, "evaluate_batches", counting)
+  computed = procs.count_evaluated_batches(monkeypatch)
   second = run.evaluate(config, workdir)
   assert computed == [16, 32]  # batch 0 kept, the cut batch 1 redone whole, then batch 2
   _, resumed = _rows(workdir)

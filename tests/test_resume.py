@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -85,15 +84,7 @@ def test_interrupted_save_is_never_the_latest_checkpoint(tmp_path):
   ckpt.save(1, _small_state())
   ckpt.close()
 
-  script = textwrap.dedent(f"""
-      import numpy as np
-      from diffode_jax.checkpoint import Checkpointer
-      ckpt = Checkpointer({directory!r})
-      big = {{"params": {{f"w{{i}}": np.random.rand(1024, 1024).astype(np.float32)
-                          for i in range(64)}}, "step": np.asarray(2, np.int32)}}
-      print("saving", flush=True)
-      ckpt.save(2, big)
-  """)
+  script = procs.large_save_script(directory)
   proc = subprocess.Popen([sys.executable, "-c", script], cwd=procs.REPO, env=procs.env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   tmp_dirs = lambda: [n for n in os.listdir(directory) if ".orbax-checkpoint-tmp" in n]

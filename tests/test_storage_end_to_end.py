@@ -8,13 +8,11 @@ The subprocesses of the gs:// runs join the emulator's network namespace where t
 may create one (``Storage.prefix``): they can reach nothing but the emulator.
 """
 
-import importlib
 import io
 import json
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -93,16 +91,7 @@ def test_workdir_end_to_end(storage_root, monkeypatch):
   kept = _per_image_rows(workdir)
   assert EVAL_BATCH <= len(kept) < EVAL_IMAGES, len(kept)
   assert not storage.exists(storage.join(paths.eval_dir(workdir), "bpd.json"))
-  computed = []
-  evaluate_module = importlib.import_module("diffode_jax.run.evaluate")
-  original = evaluate_module.evaluate_batches
-
-  def counting(*args, **kwargs):
-    for batch in original(*args, **kwargs):
-      computed.append(batch[0]["index"])
-      yield batch
-
-  monkeypatch.setattr(evaluate_module, "evaluate_batches", counting)
+  computed = procs.count_evaluated_batches(monkeypatch)
   assert cli.dispatch(config, workdir, "eval_bpd") == 0
   assert computed == list(range(len(kept), EVAL_IMAGES, EVAL_BATCH))
   final = _per_image_rows(workdir)
@@ -151,15 +140,7 @@ def test_kill_during_a_checkpoint_save_on_gs_keeps_the_previous_step(gs_root):
   ckpt.save(1, _small_state())
   ckpt.close()
 
-  script = textwrap.dedent(f"""
-      import numpy as np
-      from diffode_jax.checkpoint import Checkpointer
-      ckpt = Checkpointer({directory!r})
-      big = {{"params": {{f"w{{i}}": np.random.rand(1024, 1024).astype(np.float32)
-                          for i in range(64)}}, "step": np.asarray(2, np.int32)}}
-      print("saving", flush=True)
-      ckpt.save(2, big)
-  """)
+  script = procs.large_save_script(directory)
   proc = subprocess.Popen([*storage_root.prefix, sys.executable, "-c", script],
                           cwd=procs.REPO, env=procs.env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
