@@ -20,8 +20,9 @@ Divergence estimators:
 * ``exact``: the full trace from D Jacobian-vector products with the basis vectors, for
   small images and tests. By default all D tangents go through one ``vmap`` (D copies of
   the activations at once); ``exact_chunk`` = c evaluates them c at a time
-  (``jax.lax.map`` with ``batch_size``), memory proportional to c, the same numbers bit
-  for bit (tests/test_ode.py).
+  (``jax.lax.map`` with ``batch_size``), memory proportional to c, the same numbers to
+  float32 roundoff: XLA:CPU compiles the tangent products differently above and below
+  size thresholds, so they are bit for bit equal only for some c (tests/test_ode.py).
 
 Solvers: diffrax's adaptive ``tsit5`` / ``dopri5`` (the default, ``DEFAULT_SOLVER``) with a
 PID controller, jit-compiled, the solve never leaving the device; and ``scipy_rk45``, the
