@@ -28,6 +28,19 @@ The 8-bit photo tiles cost several times more per ODE evaluation than the digits
 channels and a much stiffer flow near t = 0), so their full budget evaluates fewer test
 images (128, and K = 8 on 16) and records the curve every 1000 steps on 32.
 
+``--budget=long --datasets=photo_patches`` (issue 16) trains the bin-centre model
+("velocity, IS") and the uniform-trained one 4x longer, records tn, u and the ELBO of the
+same 32 test tiles with the NFE of evaluation and of sampling every 2000 steps, then the
+bin-centre model's second-order fine-tune and its first-order control; the table adds
+paired differences (per-image means +- standard errors) and tn_minus_u_<data>_long.png
+plots tn - u, the ODE - ELBO gap and the NFE against the steps. Run the two trainings as
+two processes (the results file is shared under a lock):
+
+    python bench/ablation.py --budget=long --datasets=photo_patches \
+        --settings="velocity, IS;velocity, IS + 2nd order" &
+    python bench/ablation.py --budget=long --datasets=photo_patches --wait \
+        --settings="velocity, IS, train u-deq;velocity, IS + 1st order"
+
 Training resumes from the runs folder and finished results are cached per data set in
 bench/results/ablation_<data>.json, so an interrupted run continues and the two data sets
 can run as two processes at once. Writes ablation_<data>.json, convergence_<data>.png and
