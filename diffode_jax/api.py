@@ -3,6 +3,7 @@
     import diffode_jax as dj
     model = dj.load("runs/digits")                  # EMA params of the latest checkpoint
     bpd, report = model.bpd(images, jax.random.PRNGKey(0), dequantization="u")
+    rows, report = model.per_image(images, key)     # per-image rows: bpd, sde_bpd, nfe
     log_p = model.log_prob(images, key)             # nats, lower bound on log P(k)
     samples = model.sample(key, 16)                 # integer images (uint8 for V <= 256)
     dx = model.drift(x, gamma)                      # probability-flow dx/dgamma
