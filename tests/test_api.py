@@ -49,6 +49,12 @@ def test_settings_object_equals_the_keyword_overrides(oracle_and_images):
   # log_prob is the same bound in nats (-log2 P / D = bpd), with the same keys.
   log_p = model.log_prob(train[:4], key, dequantization="u", rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(-log_p / (64 * math.log(2)), by_keywords, rtol=1e-12)
+  # per_image: the same rows with their ELBO, and the report's means are theirs.
+  rows, report3 = model.per_image(train[:4], key, dequantization="u", rtol=1e-4, atol=1e-4)
+  assert [r["index"] for r in rows] == [0, 1, 2, 3]
+  np.testing.assert_array_equal([r["bpd"] for r in rows], by_keywords)
+  assert report3["sde_bpd"] == pytest.approx(np.mean([r["sde_bpd"] for r in rows]), rel=1e-12)
+  assert report3["nfe_mean"] == np.mean([r["nfe"] for r in rows])
 
 
 def test_settings_and_overrides_together_or_unknown_are_config_errors(oracle_and_images):
