@@ -61,6 +61,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import diffode_jax as dj  # noqa: E402
@@ -69,7 +70,7 @@ from configs import digits, photo_patches  # noqa: E402
 from diffode_jax import data as data_lib  # noqa: E402
 from diffode_jax import run  # noqa: E402
 from diffode_jax.config import sample_settings  # noqa: E402
-from diffode_jax.likelihood import bits_per_dim  # noqa: E402
+from diffode_jax.likelihood import bits_per_dim, make_sde_fn  # noqa: E402
 from diffode_jax.sampling import draw, make_sample_fn  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
@@ -204,12 +205,11 @@ def curve_point(model, images, budget, step):
 def elbo_per_image(model, images, draws):
   """Per-image VDM ELBO in bits/dim (sde_bpd), the mean of ``draws`` independent one-time
   Monte Carlo estimates (one estimate alone is too noisy for a per-image difference)."""
-  c = model.components
-  sde = jax.jit(lambda p, k, key: c.loss_fn(p, k, key, False)[1].sde_nats())
-  k = np.asarray(images)
-  nats = np.mean([np.asarray(sde(model.params, k, jax.random.fold_in(jax.random.PRNGKey(4), j)))
+  sde = make_sde_fn(model.components.loss_fn, model.eval_settings())
+  k = jnp.asarray(images)
+  nats = np.mean([sde(model.params, k, jax.random.fold_in(jax.random.PRNGKey(4), j))
                   for j in range(draws)], axis=0)
-  return np.asarray(bits_per_dim(-nats, c.dim), np.float64)
+  return np.asarray(bits_per_dim(-nats, model.components.dim), np.float64)
 
 
 def _curve_file(workdir):

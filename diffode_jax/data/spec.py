@@ -67,13 +67,10 @@ class SomeRows:
       keep = self.rows < n
       return SomeRows(self.local[keep], self.rows[keep], n)
     wanted = np.asarray(index, np.int64)
-    where = np.searchsorted(self.rows, wanted)
-    held = (where < len(self.rows)) & (self.rows[np.minimum(where, len(self.rows) - 1)]
-                                       == wanted) if len(self.rows) else np.zeros_like(
-                                           wanted, bool)
+    held = np.isin(wanted, self.rows)
     if not np.all(held):
       raise IndexError(f"rows {np.unique(wanted[~held])[:8].tolist()} are not held here")
-    return self.local[where]
+    return self.local[np.searchsorted(self.rows, wanted)]
 
 
 def image_shape(config_data) -> tuple[int, int, int]:
