@@ -47,7 +47,8 @@ def get_config():
   model.time_proj = "dense"  # ResNet blocks' time projection: dense (bias) | zero_no_bias (official)
   model.time_embedding = "native"  # native | official: floating-point order of the sinusoidal frequencies
   model.dropout = 0.1  # dropout rate inside the ResNet blocks
-  model.num_groups = 32  # GroupNorm groups (gcd with the channel count is used)
+  model.num_groups = 32  # GroupNorm groups (gcd with the channel count is used); keep at
+  # least 2 channels per group, or GroupNorm removes the time input (training refuses)
   model.fourier_features = True  # append Fourier features of the input
   model.fourier_min = ml_collections.config_dict.placeholder(int)  # lowest exponent n of 2^n * 2 pi; None: fourier_max - 1
   model.fourier_max = ml_collections.config_dict.placeholder(int)  # highest; None: ceil(log2 V) - 1, the coarsest whose period fits in a bin (7 for 8-bit)

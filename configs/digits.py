@@ -15,6 +15,8 @@ def get_config():
   config.data.num_levels = 17
   m = config.model
   m.channels = 32
+  m.num_groups = 8  # 4 channels per GroupNorm group, as the CIFAR-10 reference (see
+  # networks/unet.py, time_norm_group_size: one per group would remove the time input)
   m.num_blocks = 2
   m.embed_dim = 128
   m.attention = True

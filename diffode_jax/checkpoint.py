@@ -32,6 +32,7 @@ from absl import logging
 
 from diffode_jax import keys, storage
 from diffode_jax.model import Components, build
+from diffode_jax.networks import check_sees_time
 from diffode_jax.paths import checkpoint_dir
 from diffode_jax.train_state import (TrainState, adam_state_of, create_train_state,
                                      init_state, with_adam_state)
@@ -442,4 +443,5 @@ def restore_for_eval(config, workdir: str, step=None, damaged: list | None = Non
     return components, components.init_params(None), None
   components = build(config)
   params, ckpt_step = restore_ema_params(config, workdir, components, step, damaged)
+  check_sees_time(config.model, from_scratch=False)
   return components, params, ckpt_step

@@ -129,12 +129,25 @@ def test_imported_workdir_holds_the_official_state(imported):
   assert report["params"] == count_params(raw["params"]["score_model"])
 
 
-def test_round_trip_eval_sample_and_second_order_fine_tune(imported, tmp_path):
+def _blind_warnings(capsys):
+  return [l for l in capsys.readouterr().err.splitlines()
+          if l.startswith("warning: model.channels=32 with model.num_groups=32")]
+
+
+def test_round_trip_eval_sample_and_second_order_fine_tune(imported, tmp_path, capsys):
+  """The fixture's network (32 channels in 32 GroupNorm groups, as the official code builds
+  it at this width) cannot see the noise level; its layout is fixed by the checkpoint, so
+  every mode still works on it, each with one warning line."""
   config, workdir = imported
+  capsys.readouterr()
   report = run.evaluate(config, workdir)
   assert report["checkpoint_step"] == int(_raw_fixture()["step"])
   assert report["num_images"] == 4 and np.isfinite(report["bpd"])
+  assert len(_blind_warnings(capsys)) == 1
   assert os.path.exists(run.sample(config, workdir))
+  assert len(_blind_warnings(capsys)) == 1
+  dj.load(workdir)
+  assert len(_blind_warnings(capsys)) == 1
 
   fine = copy.deepcopy(config)
   fine.model.second_order = True
@@ -143,6 +156,7 @@ def test_round_trip_eval_sample_and_second_order_fine_tune(imported, tmp_path):
   fine.training.num_steps = 2
   row = run.train(fine, str(tmp_path / "fine"))
   assert row["step"] == 2 and row["second_order_bpd"] > 0
+  assert len(_blind_warnings(capsys)) == 1
   # The learning rate continues past the warm-up (the official schedule's step) instead
   # of restarting from 0, so the very first update moves the params.
   assert row["learning_rate"] == pytest.approx(fine.training.learning_rate)
@@ -153,6 +167,13 @@ def test_round_trip_eval_sample_and_second_order_fine_tune(imported, tmp_path):
   inner = procs.load_checkpoint(tmp_path / "fine")["opt_state"]["inner_opt_state"]
   assert int(inner["0"]["count"]) == int(source["opt_state"]["inner_opt_state"]["0"]["count"]) + 2
   assert int(inner["2"]["count"]) == int(source["step"]) + 2
+
+  fine.training.num_steps = 3  # resuming the fine-tune: its checkpoint fixes the layout
+  assert run.train(fine, str(tmp_path / "fine"))["step"] == 3
+  assert len(_blind_warnings(capsys)) == 1
+  assert cli.dispatch(config, str(tmp_path / "again"), "import_official",
+                      official_checkpoint=FIXTURE_CKPT) == 0
+  assert len(_blind_warnings(capsys)) == 1
 
 
 # ----------------------------------------------------------------------------- other layouts

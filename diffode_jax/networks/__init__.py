@@ -1,6 +1,10 @@
 """Backbone networks: (x, gamma) -> raw output, with no diffusion math inside."""
 
-from diffode_jax.networks.unet import COND_INPUTS, TIME_EMBEDDINGS, TIME_PROJS, UNet
+import sys
+
+from diffode_jax.errors import ConfigError
+from diffode_jax.networks.unet import (COND_INPUTS, TIME_EMBEDDINGS, TIME_PROJS, UNet,
+                                       time_blind_reason)
 
 # Layout switches added after the first release: configs saved before them lack the
 # fields, and get the layout they were trained with.
@@ -23,6 +27,29 @@ def check_network_config(config_model) -> None:
   if not isinstance(layout(config_model, "block_attention"), bool):
     raise ValueError(f"model.block_attention must be True or False, got "
                      f"{layout(config_model, 'block_attention')!r}")
+
+
+def check_sees_time(config_model, *, from_scratch: bool) -> None:
+  """Refuses to train a U-Net from scratch that cannot see the noise level.
+
+  ``from_scratch``: a new network is about to be initialized and trained, so a blind layout
+  is a ConfigError (one line naming model.channels, model.num_groups and a layout that
+  works). Where the layout is fixed by an existing checkpoint (a resumed run, a fine-tune
+  from ``training.init_from``, an imported official checkpoint, evaluation, sampling,
+  ``dj.load``) the network is used as it is, with a one-line warning on stderr: the
+  official code builds such networks at small widths, and their checkpoints must still
+  load. Other architectures (the closed-form oracle) have no network to check.
+  """
+  if config_model.arch != "unet":
+    return
+  reason = time_blind_reason(config_model.channels, config_model.num_groups)
+  if reason is None:
+    return
+  if from_scratch:
+    raise ConfigError(reason)
+  lacks = reason.rsplit("; ", 1)[0]
+  print(f"warning: {lacks}; the checkpoint fixes this layout, so it is used as it is",
+        file=sys.stderr)
 
 
 def make_network(config) -> UNet:

@@ -82,6 +82,37 @@ def _groups(num_groups: int, channels: int) -> int:
   return math.gcd(num_groups, channels)
 
 
+def time_norm_group_size(channels: int, num_groups: int) -> int:
+  """Channels per group of the GroupNorm that follows the time embedding in a ResNet block.
+
+  The time embedding (with the conditioning input folded into it) reaches the network
+  only as a per-channel constant added to the block's first convolution, right before
+  this GroupNorm. GroupNorm subtracts each group's mean over the spatial positions and
+  the group's channels: with one channel per group that mean is the constant itself, so
+  the network's output no longer depends on the noise level. Every ResNet block has
+  ``channels`` output channels, so this one number decides it for the whole network.
+  """
+  return channels // _groups(num_groups, channels)
+
+
+def time_blind_reason(channels: int, num_groups: int) -> Optional[str]:
+  """None if the U-Net sees the noise level (and the conditioning), else one line why not
+  with a layout that works."""
+  if time_norm_group_size(channels, num_groups) >= 2:
+    return None
+  if channels < 2:
+    fix = "use model.channels >= 2 (e.g. model.channels=8 with model.num_groups=2)"
+  else:  # the most groups that leave at least 4 channels each (2 for channels < 4)
+    least = 4 if channels >= 4 else 2
+    groups = max(g for g in range(1, channels + 1)
+                 if channels % g == 0 and channels // g >= least)
+    fix = f"use model.num_groups={groups} ({channels // groups} channels per group)"
+  return (f"model.channels={channels} with model.num_groups={num_groups} puts one channel "
+          f"in each GroupNorm group, which removes the time embedding (and the "
+          f"conditioning input) that every ResNet block adds right before it: the network "
+          f"cannot see the noise level; {fix}")
+
+
 class ResnetBlock(nn.Module):
   channels: int
   dropout: float
@@ -97,7 +128,9 @@ class ResnetBlock(nn.Module):
     else:
       proj = nn.Dense(self.channels)
     h = h + proj(temb)[:, None, None, :]
-    h = nn.swish(nn.GroupNorm(_groups(self.num_groups, self.channels))(h))
+    # time_blind_reason relies on this: time enters only here, before this GroupNorm.
+    groups = self.channels // time_norm_group_size(self.channels, self.num_groups)
+    h = nn.swish(nn.GroupNorm(groups)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.channels, (3, 3), kernel_init=_zeros)(h)
     if x.shape[-1] != self.channels:

@@ -10,6 +10,7 @@ from diffode_jax import official, paths, storage
 from diffode_jax.checkpoint import Checkpointer, checkpoint_dir
 from diffode_jax.errors import CheckpointError, ConfigError
 from diffode_jax.model import build, count_params
+from diffode_jax.networks import check_sees_time
 from diffode_jax.run import workdir as workdir_lib
 
 
@@ -29,6 +30,7 @@ def import_checkpoint(config, workdir: str, path: str) -> dict:
   imported = official.convert(raw, config, file)
   components = build(config)
   state = official.train_state(imported, config, components)
+  check_sees_time(config.model, from_scratch=False)
 
   workdir_lib.ensure(workdir)
   ckpt = Checkpointer(directory, keep=config.training.keep_checkpoints)

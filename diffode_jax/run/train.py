@@ -19,6 +19,7 @@ from diffode_jax.config import eval_settings, finalize_config, reconcile_with_wo
 from diffode_jax.errors import ConfigError, DataError, TrainingError
 from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, summarize
 from diffode_jax.model import build
+from diffode_jax.networks import check_sees_time
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.console import StopSignal, progress
 from diffode_jax.run.guard import DivergenceGuard
@@ -49,8 +50,11 @@ def train(config, workdir: str, explicit=None) -> dict:
                       "use --mode=eval_bpd or --mode=sample")
   workdir_lib.check_writable(workdir)
   saved = workdir_lib.saved_config(workdir)  # refuses to overwrite a garbage config.json
-  if saved is not None and workdir_lib.has_checkpoint(workdir):
+  resuming = saved is not None and workdir_lib.has_checkpoint(workdir)
+  if resuming:
     config = finalize_config(reconcile_with_workdir(config, saved, explicit, resume=True))
+  # A resumed run or a fine-tune keeps the layout its checkpoint fixes.
+  check_sees_time(config.model, from_scratch=not resuming and not config.training.init_from)
   t = config.training
   parallel.check_batch(t.batch_size, "training.batch_size")
   train_data = parallel.chief_first(lambda: data_lib.load_split(config.data, "train"),
