@@ -53,6 +53,7 @@ import argparse
 import fcntl
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -129,6 +130,29 @@ LONG_SETTINGS = {
     "photo_patches": ["velocity, IS", "velocity, IS, train u-deq",
                       "velocity, IS + 2nd order", "velocity, IS + 1st order"],
 }
+
+
+# The network fields a results file is valid for: results of another layout (e.g. one whose
+# GroupNorm removed the time input) are not merged with, or resumed into, this one's.
+LAYOUT_FIELDS = ("channels", "num_groups", "num_blocks", "embed_dim", "attention", "dropout",
+                 "fourier_min", "fourier_max", "time_proj", "cond_input")
+
+
+def network_layout(dataset):
+  m = DATASETS[dataset]().model
+  return {name: m[name] for name in LAYOUT_FIELDS}
+
+
+def commit():
+  """The code's git commit (with "+changes" for uncommitted edits), or "unknown"."""
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=HERE, text=True, capture_output=True, check=True).stdout
+    return head + ("+changes" if dirty.strip() else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
 
 
 def _eval_name(deq, k, subset):
@@ -298,7 +322,8 @@ def run_setting(dataset, setting, budget, runs_dir, test_images, k8_images):
     curve = train_with_curve(config, workdir, fixed_subset(test_images, budget["curve_images"]),
                              budget)
     steps = budget["steps"]
-  result = {"steps": steps, "curve": curve, "train_seconds": time.perf_counter() - start}
+  result = {"steps": steps, "curve": curve, "train_seconds": time.perf_counter() - start,
+            "commit": commit()}
   result["eval"] = evaluate_final(workdir, test_images, k8_images, budget["evals"],
                                   per_image=bool(budget.get("curve_deqs")))
   return result
@@ -309,13 +334,14 @@ def _json_path(dataset, suffix):
 
 
 def load_cached(dataset, budget, suffix):
-  """Cached results of one data set, if they were made with this budget."""
+  """Cached results of one data set, if they were made with this budget and network."""
   path = _json_path(dataset, suffix)
   if not os.path.exists(path):
     return {}
   with open(path) as f:
     saved = json.load(f)
-  same = _training_budget(saved.get("budget", {})) == _training_budget(budget)
+  same = (_training_budget(saved.get("budget", {})) == _training_budget(budget)
+          and saved.get("network") == network_layout(dataset))
   return saved["results"] if same else {}
 
 
@@ -339,7 +365,8 @@ def save_dataset(dataset, per, budget, suffix):
     per.update(merged)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-      json.dump({"budget": budget, "results": merged}, f, indent=2)
+      json.dump({"budget": budget, "network": network_layout(dataset), "results": merged},
+                f, indent=2)
     os.replace(tmp, path)
   _plot(dataset, merged, os.path.join(RESULTS, f"convergence_{dataset}{suffix}.png"))
   if budget.get("curve_deqs"):
@@ -358,9 +385,12 @@ def write_table(budgets, suffix):
     per = cached[dataset]
     if not per:
       continue
+    layout = ", ".join(f"{k} {v}" for k, v in network_layout(dataset).items())
+    commits = sorted({r["commit"] for n, r in per.items() if n != "baselines" and "commit" in r})
     lines.append(f"- {dataset}: {budget['steps']} steps; {budget['test_images']} test images"
                  + (f", K = 8 on a subset of {budget['k8_images']}"
-                    if ("tn", 8, "k8") in budget["evals"] else ""))
+                    if ("tn", 8, "k8") in budget["evals"] else "")
+                 + f"; network: {layout}; code: {', '.join(commits) or 'unknown'}")
     for name, res in per.items():
       if name == "baselines":
         continue

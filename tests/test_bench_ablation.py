@@ -48,6 +48,12 @@ def test_cache_is_keyed_by_budget_and_table_marks_missing_cells(tmp_path, monkey
   assert ablation.load_cached("photo_patches", budgets["photo_patches"], "_quick") == {}
   more_evals = dict(budgets["digits"], evals=ablation.ALL_EVALS[:1])
   assert ablation.load_cached("digits", more_evals, "_quick") == per
+  # Results of another network layout are neither resumed nor merged.
+  real_layout = ablation.network_layout
+  monkeypatch.setattr(ablation, "network_layout",
+                      lambda d: dict(real_layout(d), num_groups=32))
+  assert ablation.load_cached("digits", budgets["digits"], "_quick") == {}
+  monkeypatch.setattr(ablation, "network_layout", real_layout)
 
   ablation.write_table(budgets, "_quick")
   table = (tmp_path / "ablation_quick.md").read_text()
@@ -56,6 +62,7 @@ def test_cache_is_keyed_by_budget_and_table_marks_missing_cells(tmp_path, monkey
   assert cells == ["digits", "velocity, IS", "600", "2.500 +- 0.030", "2.750 +- 0.030", "-",
                    "2.250", "-", "-"]
   assert "baseline: per-pixel categorical" in table
+  assert "network: channels 32, num_groups 8" in table
   assert "photo_patches" not in table  # nothing cached for it
 
 
