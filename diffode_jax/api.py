@@ -40,6 +40,7 @@ from diffode_jax.config import (EvalSettings, eval_settings, finalize_config,
 from diffode_jax.errors import ConfigError, DataError
 from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, make_sde_fn
 from diffode_jax.model import Components, build
+from diffode_jax.fingerprint import images_fingerprint, params_fingerprint
 from diffode_jax.report import bpd_report, devices_fields, run_fields
 from diffode_jax.sampling import draw, make_sample_fn
 
@@ -136,8 +137,10 @@ class Model:
     rows = self._rows(images, key, settings, batch_size, with_sde=True)
     fields = run_fields(self.config, settings, self.components.schedule, self.step,
                         batch_size)
+    fields["params_fingerprint"] = params_fingerprint(self.params)
     num_devices = self.mesh.size if self._log_prob_fn(settings).mesh is not None else 1
     return rows, bpd_report(fields, rows, time.perf_counter() - start,
+                            images_fingerprint=images_fingerprint(images),
                             **devices_fields(num_devices))
 
   def log_prob(self, images, key: jax.Array, batch_size: int | None = None, *,

@@ -21,6 +21,7 @@ from diffode_jax import keys, parallel, paths, storage
 from diffode_jax.checkpoint import restore_for_eval
 from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
 from diffode_jax.errors import DataError
+from diffode_jax.fingerprint import images_fingerprint, params_fingerprint
 from diffode_jax.likelihood import (evaluate_batches, make_log_prob_fn, make_sde_fn,
                                     process_rows)
 from diffode_jax.report import bpd_report, devices_fields, run_fields
@@ -107,9 +108,11 @@ def _evaluate_locked(config, workdir, components, params, ckpt_step, damaged) ->
   num_devices = mesh.size if log_prob.mesh is not None else 1
 
   fields = run_fields(config, settings, components.schedule, ckpt_step, e.batch_size)
+  fields["params_fingerprint"] = params_fingerprint(params)
   if damaged:
     fields["damaged_checkpoints"] = sorted(damaged)
-  data_fields = {"split": e.split, "dataset": split.name, "dataset_version": split.version}
+  data_fields = {"split": e.split, "dataset": split.name, "dataset_version": split.version,
+                 "images_fingerprint": images_fingerprint(images)}
   is_chief = jax.process_index() == 0
   per_image = workdir_lib.PerImageRows(workdir)
   first_batch = 0
