@@ -23,6 +23,7 @@ import contextlib
 import logging as std_logging
 import sys
 import threading
+import time
 
 import flax
 import jax
@@ -77,6 +78,10 @@ def _first_line(e: Exception) -> str:
   return (str(e).strip().splitlines() or [""])[0][:200]
 
 
+# How long a reader waits before reading a step that looked damaged once more.
+READ_RETRY_S = 0.5
+
+
 class DamagedCheckpoint(CheckpointError):
   """A step whose files cannot be read (truncated, missing, corrupt), as opposed to one
   that does not match the configured model."""
@@ -92,8 +97,13 @@ class Checkpointer:
   Restores check the saved shapes (from the checkpoint's metadata) against the template
   first: a different shape is a mismatch (CheckpointError naming the array); a step whose
   files cannot be read is ``DamagedCheckpoint``. With ``fallback`` a restore of the
-  latest step moves a damaged step aside (renamed ``<step>.damaged``, kept for
-  inspection, by process 0) and restores the newest intact one; ``damaged`` lists them.
+  latest step restores the newest intact one; ``damaged`` lists the damaged steps.
+
+  Only the ``owner`` of the directory (the training run or import that holds the workdir's
+  lock) moves a damaged step aside (renamed ``<step>.damaged``, kept for inspection, by
+  process 0) or deletes steps. A reader beside a training run (evaluation, sampling,
+  ``dj.load``) changes nothing: a step that disappears while it reads it was rotated out
+  by the owner, not damaged, so the reader lists the steps again and takes the newest.
 
   A save that fails (a read-only or full disk) raises CheckpointError naming the path
   and the OS error; the manager is then left alone (``close`` does not wait on it).
@@ -103,15 +113,35 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, keep: int = 3, create: bool = True,
-               losses: dict | None = None):
+               losses: dict | None = None, owner: bool = False):
     self.directory = directory
     self.keep = keep
+    self.owner = owner
     self.losses = dict(losses or {})
     self.damaged: list = []
     self.failed = False
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
-                                           cleanup_tmp_directories=create)
-    self.manager = ocp.CheckpointManager(directory, options=options)
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
+                                                 cleanup_tmp_directories=create)
+    self.manager = self._open()
+
+  def _open(self, attempts: int = 20) -> ocp.CheckpointManager:
+    """A manager of the directory. Opening one lists the steps and reads each one's
+    metadata: a step the owner deletes meanwhile (retention) fails that listing, so it is
+    listed again."""
+    for attempt in range(attempts):
+      try:
+        return ocp.CheckpointManager(self.directory, options=self._options)
+      except FileNotFoundError:
+        if attempt == attempts - 1:
+          raise CheckpointError(f"the steps of {self.directory} kept disappearing while "
+                                f"they were listed") from None
+        time.sleep(0.05)
+
+  def _relist(self):
+    """A new manager, which lists the steps again (orbax's ``reload`` loses track of how
+    the steps were saved, and its restores then fail)."""
+    self.manager.close()
+    self.manager = self._open()
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -141,8 +171,14 @@ class Checkpointer:
     if scored:
       keep.add(min(scored, key=lambda s: self.losses[s]))
     for s in steps:
-      if s not in keep:
-        self.manager.delete(s)
+      if s not in keep and self._exists(s):
+        try:
+          self.manager.delete(s)
+        except FileNotFoundError:  # gone already: that is what the deletion wanted
+          pass
+
+  def _exists(self, step) -> bool:
+    return storage.exists(storage.join(self.directory, str(step)))
 
   def _check_step(self, step):
     step = self.latest_step() if step is None else step
@@ -193,18 +229,43 @@ class Checkpointer:
 
   def _with_fallback(self, step, fallback, attempt):
     if step is not None or not fallback:
-      return attempt(self._check_step(step))
-    self._check_step(None)
-    for s in reversed(self.all_steps()):
+      s = self._check_step(step)
       try:
         return attempt(s)
-      except DamagedCheckpoint as e:
+      except (DamagedCheckpoint, FileNotFoundError) as e:
+        if self._exists(s):
+          raise DamagedCheckpoint(str(e)) from None
+        raise CheckpointError(f"checkpoint {self.directory} step {s} was deleted while it "
+                              f"was read (rotated out by the training run)") from None
+    self._check_step(None)
+    tried, retried = set(), set()
+    while True:
+      candidates = [s for s in reversed(self.all_steps()) if s not in tried]
+      if not candidates:
+        break
+      s = candidates[0]
+      tried.add(s)
+      try:
+        return attempt(s)
+      except (DamagedCheckpoint, FileNotFoundError) as e:
+        if not self._exists(s):  # rotated out under a reader: list the steps again
+          self._relist()
+          continue
+        if not self.owner and s not in retried:
+          # A step the trainer is still finalizing can look damaged for a moment.
+          retried.add(s)
+          tried.discard(s)
+          time.sleep(READ_RETRY_S)
+          self._relist()
+          continue
         self.damaged.append(s)
-        moved = _move_aside(self.directory, s)
-        logging.warning("%s; %s, trying the previous step", e,
-                        f"moved to {moved}" if moved else "left in place")
-        print(f"warning: {e}; " + (f"moved to {moved}" if moved else "left in place")
-              + "; restoring the previous step", file=sys.stderr)
+        moved = _move_aside(self.directory, s) if self.owner else None
+        where = f"moved to {moved}" if moved else "left in place"
+        logging.warning("%s; %s, trying the previous step", e, where)
+        print(f"warning: {e}; {where}; restoring the previous step", file=sys.stderr)
+    if not self.damaged:
+      raise CheckpointError(f"no checkpoint in {self.directory}: every step was deleted "
+                            f"while it was read")
     raise CheckpointError(f"every checkpoint in {self.directory} is damaged "
                           f"(steps {self.damaged}); nothing to restore")
 
@@ -349,7 +410,7 @@ def restore_or_init(config, workdir: str, components: Components, optimizer,
   abstract = jax.eval_shape(lambda: init_state(config, components, optimizer))
   directory = checkpoint_dir(workdir)
   if storage.isdir(directory):
-    ckpt = Checkpointer(directory, create=False)
+    ckpt = Checkpointer(directory, create=False, owner=True)  # the caller holds the lock
     try:
       if ckpt.latest_step() is not None:
         state = ckpt.restore(abstract, sharding=sharding, fallback=True)

@@ -212,10 +212,13 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(workdir, capsys,
   assert any("step 4 is damaged" in l for l in lines), lines
   report = _read(os.path.join(workdir, "eval", "bpd.json"))
   assert report["checkpoint_step"] == 2 and report["damaged_checkpoints"] == [4]
+  # An evaluation only reads: the workdir's owner (training) moves damaged steps aside.
+  assert any("left in place" in l for l in lines), lines
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "4.damaged"))
+  # Training resumes from the intact step 2, keeps step 4 aside and writes a new step 4.
+  status, lines, _ = _dispatch(_config(), workdir, "train", capsys)
+  assert status == 0 and any("moved to" in l and "4.damaged" in l for l in lines), lines
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4.damaged"))
-  assert procs.checkpoint_steps(workdir) == [2]
-  # Training resumes from the intact step 2 and writes a new step 4.
-  assert _dispatch(_config(), workdir, "train", capsys)[0] == 0
   assert procs.checkpoint_steps(workdir) == [2, 4]
 
 

@@ -150,10 +150,15 @@ def test_damaged_checkpoint_is_moved_aside_and_the_previous_step_restored(storag
               if f.rsplit("/", 1)[-1] == "_METADATA"]  # the pytree's metadata
   target = storage.join(directory, "2", metadata[0])
   storage.write_bytes(target, storage.read_bytes(target)[:10])  # cut by a failing disk
-  reader = Checkpointer(directory, create=False)
+  reader = Checkpointer(directory, create=False)  # a reader leaves the directory alone
   restored = reader.restore(state(0.0), fallback=True)
   reader.close()
   assert int(restored["step"]) == 1 and reader.damaged == [2]
+  assert "2.damaged" not in storage.listdir(directory)
+  owner = Checkpointer(directory, create=False, owner=True)
+  restored = owner.restore(state(0.0), fallback=True)
+  owner.close()
+  assert int(restored["step"]) == 1 and owner.damaged == [2]
   assert "2.damaged" in storage.listdir(directory)
   assert storage.listdir(storage.join(directory, "2.damaged"))  # kept for inspection
 

@@ -33,7 +33,7 @@ def import_checkpoint(config, workdir: str, path: str) -> dict:
   check_sees_time(config.model, from_scratch=False)
 
   workdir_lib.ensure(workdir)
-  ckpt = Checkpointer(directory, keep=config.training.keep_checkpoints)
+  ckpt = Checkpointer(directory, keep=config.training.keep_checkpoints, owner=True)
   try:
     ckpt.save(imported.step, state)
   finally:

@@ -92,7 +92,7 @@ def _train_locked(config, workdir, components, train_data, lock) -> dict:
   workdir_lib.ensure(workdir, subdirs=("checkpoints",))
   lock.keep_directories()
   history = workdir_lib.logged_losses(workdir, step) if resumed else {}
-  ckpt = Checkpointer(paths.checkpoint_dir(workdir), keep=t.keep_checkpoints,
+  ckpt = Checkpointer(paths.checkpoint_dir(workdir), keep=t.keep_checkpoints, owner=True,
                       losses=_losses_at_checkpoints(history, workdir))
   guard = DivergenceGuard(t.divergence_factor, history.values())
   if is_chief:
