@@ -47,4 +47,17 @@ def dispatch(config, workdir: str, mode: str, explicit=None, *,
   except DiffodeError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:  # Ctrl-C (training turns the first one into a save instead)
+    print(f"\ninterrupted: --mode={mode} stopped; {INTERRUPTED.get(mode, 'nothing was kept')}",
+          file=sys.stderr)
+    return 130
   return 0
+
+
+# What a run interrupted by Ctrl-C leaves behind, by mode.
+INTERRUPTED = {
+    "train": "the last saved checkpoint is intact; rerun to resume from it",
+    "eval_bpd": "the finished batches are in eval/per_image.jsonl; rerun to resume",
+    "sample": "no samples were written; rerun to draw them",
+    "import_official": "no checkpoint was written; rerun to import",
+}
