@@ -287,6 +287,19 @@ def test_import_never_overwrites_checkpoints(imported, capsys):
   _import_fails(config, workdir, FIXTURE_CKPT, capsys, "already holds checkpoints")
 
 
+def test_an_import_killed_during_its_save_can_be_rerun(imported, tmp_path, capsys):
+  """A kill during the save leaves only orbax's temporary folder of the step: no committed
+  checkpoint, so the rerun imports (and removes the leftover) instead of refusing."""
+  config, _ = imported
+  workdir = tmp_path / "killed"
+  leftover = workdir / "checkpoints" / "1.orbax-checkpoint-tmp-1733400000"
+  leftover.mkdir(parents=True)
+  (leftover / "partial").write_bytes(b"\0" * 64)
+  assert cli.dispatch(config, str(workdir), "import_official",
+                      official_checkpoint=FIXTURE_CKPT) == 0, capsys.readouterr().err
+  assert os.listdir(workdir / "checkpoints") == [str(int(_raw_fixture()["step"]))]
+
+
 def test_command_line_import_mismatch(tmp_path):
   """main.py's flags reach the importer; a width mismatch is one line, exit 1."""
   workdir = tmp_path / "w"

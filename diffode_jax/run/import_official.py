@@ -24,7 +24,9 @@ def import_checkpoint(config, workdir: str, path: str) -> dict:
   config = official.import_config(config)
   workdir_lib.check_writable(workdir)
   directory = checkpoint_dir(workdir)
-  if storage.isdir(directory) and storage.listdir(directory):
+  # Only committed steps count: an import killed during its save leaves an orbax temporary
+  # folder, which the Checkpointer below removes before saving again.
+  if workdir_lib.has_checkpoint(workdir):
     raise CheckpointError(f"{directory} already holds checkpoints; import into a new workdir")
   file, raw = official.read(path)
   imported = official.convert(raw, config, file)
