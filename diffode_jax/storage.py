@@ -27,6 +27,7 @@ written the bucket since the last listing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -204,9 +205,17 @@ def write_bytes(p, data: bytes) -> None:
       path(text).write_bytes(data)
       return
   tmp = text + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, text)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    _replace(tmp, text)
+  except BaseException:  # a full disk, a kill signal: leave no half-written temporary
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+_replace = os.replace  # the rename that makes a local write visible (a test seam)
 
 
 def write_text(p, text: str) -> None:

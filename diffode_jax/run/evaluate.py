@@ -20,7 +20,7 @@ from diffode_jax import data as data_lib
 from diffode_jax import keys, parallel, paths, storage
 from diffode_jax.checkpoint import restore_for_eval
 from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
-from diffode_jax.errors import DataError
+from diffode_jax.errors import DataError, WorkdirError
 from diffode_jax.fingerprint import images_fingerprint, params_fingerprint
 from diffode_jax.likelihood import (evaluate_batches, make_log_prob_fn, make_sde_fn,
                                     process_rows)
@@ -113,6 +113,18 @@ def _evaluate_locked(config, workdir, components, params, ckpt_step, damaged) ->
     fields["damaged_checkpoints"] = sorted(damaged)
   data_fields = {"split": e.split, "dataset": split.name, "dataset_version": split.version,
                  "images_fingerprint": images_fingerprint(images)}
+  try:
+    return _evaluate_and_write(config, workdir, log_prob, params, images, settings,
+                               components, sde_fn, fields, data_fields, num_devices)
+  except OSError as err:  # a full disk or a read-only workdir, on any write of eval/
+    raise WorkdirError(f"cannot write the evaluation to {paths.eval_dir(workdir)}: "
+                       f"{storage.describe(err)}; the batches written before are kept, "
+                       f"rerun to resume") from None
+
+
+def _evaluate_and_write(config, workdir, log_prob, params, images, settings, components,
+                        sde_fn, fields, data_fields, num_devices) -> dict:
+  e = config.eval
   is_chief = jax.process_index() == 0
   per_image = workdir_lib.PerImageRows(workdir)
   first_batch = 0
