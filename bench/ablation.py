@@ -53,7 +53,6 @@ import argparse
 import fcntl
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -67,6 +66,8 @@ import numpy as np  # noqa: E402
 
 import diffode_jax as dj  # noqa: E402
 from baselines import categorical_bpd, gmm_bits, gmm_bpd  # noqa: E402
+import provenance  # noqa: E402
+from provenance import commit  # noqa: E402
 from configs import digits, photo_patches  # noqa: E402
 from diffode_jax import data as data_lib  # noqa: E402
 from diffode_jax import run  # noqa: E402
@@ -132,27 +133,8 @@ LONG_SETTINGS = {
 }
 
 
-# The network fields a results file is valid for: results of another layout (e.g. one whose
-# GroupNorm removed the time input) are not merged with, or resumed into, this one's.
-LAYOUT_FIELDS = ("channels", "num_groups", "num_blocks", "embed_dim", "attention", "dropout",
-                 "fourier_min", "fourier_max", "time_proj", "cond_input")
-
-
 def network_layout(dataset):
-  m = DATASETS[dataset]().model
-  return {name: m[name] for name in LAYOUT_FIELDS}
-
-
-def commit():
-  """The code's git commit (with "+changes" for uncommitted edits), or "unknown"."""
-  try:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                          capture_output=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=HERE, text=True, capture_output=True, check=True).stdout
-    return head + ("+changes" if dirty.strip() else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+  return provenance.layout(DATASETS[dataset]().model)
 
 
 def _eval_name(deq, k, subset):

@@ -65,10 +65,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+import provenance  # noqa: E402
 
 from configs import digits  # noqa: E402
 from diffode_jax import data, ode  # noqa: E402
@@ -361,7 +364,9 @@ def run_study(args):
             f"{models[1]['workdir']} step {models[1]['checkpoint_step']}.")
   text = study_table(models, header)
   print(text)
-  write_results("tolerance_study", text, {"args": vars(args), "models": models})
+  write_results("tolerance_study", text, {"args": vars(args), "models": models},
+                f"digits {provenance.describe(dj_config(digits_dir).model)}; photo_patches "
+                f"{provenance.describe(dj_config(photo_dir).model)}")
 
 
 def run_exact(args):
@@ -421,19 +426,29 @@ def run_exact(args):
                  f"{r['seconds_batch16']:.2f} | {r['max_rel_diff']:.1e} |")
   text = "\n".join(lines)
   print(text)
-  write_results("exact_trace", text, {"source": source, "rows": rows})
+  write_results("exact_trace", text, {"source": source, "rows": rows},
+                provenance.describe(config.model))
 
 
-def write_results(stem: str, text: str, payload: dict) -> None:
-  """bench/results/<stem>.md (the table) and <stem>.json (payload, with the platform)."""
+def dj_config(workdir):
+  """The finalized config a trained workdir holds."""
+  import diffode_jax as dj
+
+  return dj.load(workdir).config
+
+
+def write_results(stem: str, text: str, payload: dict, network: str) -> None:
+  """bench/results/<stem>.md (the table) and <stem>.json (payload, with the platform, the
+  code's commit and the network layout)."""
   device = jax.devices()[0]
+  code = provenance.commit()
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, f"{stem}.json"), "w") as f:
     json.dump({"platform": device.platform, "device_kind": device.device_kind,
-               "jax": jax.__version__, "python": platform.python_version(), **payload},
-              f, indent=2)
+               "jax": jax.__version__, "python": platform.python_version(), "commit": code,
+               "network": network, **payload}, f, indent=2)
   with open(os.path.join(RESULTS, f"{stem}.md"), "w") as f:
-    f.write(text + "\n")
+    f.write(text + f"\n\nCode: {code}; {network}.\n")
 
 
 def main():
@@ -472,8 +487,13 @@ def main():
             f"rtol = atol = {args.tol:g}, median of {args.repeats} runs.")
   text = table(rows, header)
   print(text)
+  base = digits.get_config().model
   write_results("eval_speed" + ("_quick" if args.quick else ""), text,
-                {"args": vars(args), "rows": rows})
+                {"args": vars(args), "rows": rows},
+                f"configs/digits.py's {provenance.describe(base)}, with channels, num_blocks "
+                f"and embed_dim of each size: "
+                + "; ".join(f"{n} {c}, {b}, {e}" for n, (c, b, e) in sizes.items())
+                + ", dropout 0")
 
 
 if __name__ == "__main__":

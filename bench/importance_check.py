@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import diffode_jax as dj  # noqa: E402
+import provenance  # noqa: E402
 from ablation import fixed_subset  # noqa: E402
 from diffode_jax import data as data_lib  # noqa: E402
 
@@ -58,7 +59,9 @@ def main():
     diff = one - many
     return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
-  lines = [f"Run `{args.workdir}`, step {model.step}; {len(images)} test images (fixed "
+  code, network = provenance.commit(), provenance.describe(model.config.model)
+  lines = [f"Run `{args.workdir}`, step {model.step} ({network}; code {code}); "
+           f"{len(images)} test images (fixed "
            f"subset), `tn`, dopri5 at rtol = atol = {model.config.eval.rtol:g}. bits/dim +- "
            f"standard error; the gain is K = 1 minus K = {args.k} on the same images "
            "(paired).", "",
@@ -72,7 +75,8 @@ def main():
   table = "\n".join(lines) + "\n"
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".json", "w") as f:
-    json.dump({"workdir": args.workdir, "step": model.step, "rows": rows}, f, indent=2)
+    json.dump({"workdir": args.workdir, "step": model.step, "commit": code,
+               "network": provenance.layout(model.config.model), "rows": rows}, f, indent=2)
   with open(args.out + ".md", "w") as f:
     f.write(table)
   print(table)

@@ -24,11 +24,13 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import diffode_jax as dj  # noqa: E402
+import provenance  # noqa: E402
 from configs import digits  # noqa: E402
 from diffode_jax import data as data_lib  # noqa: E402
 from diffode_jax import run  # noqa: E402
@@ -74,11 +76,14 @@ def main():
 
   os.makedirs(RESULTS, exist_ok=True)
   name = "time_proj" if args.num_groups == 8 else f"time_proj_g{args.num_groups}"
+  code = provenance.commit()
   with open(os.path.join(RESULTS, name + ".json"), "w") as f:
-    json.dump(rows, f, indent=2)
+    json.dump({"commit": code, "network": provenance.layout(config.model), "rows": rows}, f,
+              indent=2)
   lines = [f"Digits (configs/digits.py, model.num_groups = {args.num_groups}), {args.steps} "
            f"steps, EMA model; sde_bpd on the 360 test digits, tn (K = 1, dopri5 1e-5) on "
-           f"the first {args.ode_images}.", "",
+           f"the first {args.ode_images}; code {code}; "
+           f"{provenance.describe(config.model)} (time_proj as in each row).", "",
            "| time_proj | seed | test sde_bpd | test tn bpd | NFE |", "|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['time_proj']} | {r['seed']} | {r['test_sde_bpd']:.4f} | "
