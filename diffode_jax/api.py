@@ -8,7 +8,7 @@
     samples = model.sample(key, 16)                 # integer images (uint8 for V <= 256)
     dx = model.drift(x, gamma)                      # probability-flow dx/dgamma
 
-    oracle = dj.oracle(train_images, config)        # closed form of a finite set (SPEC 6)
+    oracle = dj.oracle(train_images, config)        # closed form of a finite set
 
 Evaluation settings come from the config's ``eval`` section; change them per call with
 keyword overrides (``dequantization="u"``) or a whole ``dj.EvalSettings`` (``settings=``).
@@ -70,7 +70,10 @@ class Model:
     return eval_settings(self.config, **overrides)
 
   def _check(self, images) -> np.ndarray:
-    images = np.asarray(images)
+    try:
+      images = np.asarray(images)
+    except (TypeError, ValueError) as err:  # ragged lists, objects numpy cannot stack
+      raise DataError(f"images must be an integer array (N, H, W, C): {err}") from None
     if not np.issubdtype(images.dtype, np.integer):
       raise DataError(f"images must be integers in [0, data.num_levels), got dtype "
                       f"{images.dtype}")
@@ -95,6 +98,7 @@ class Model:
 
   def _rows(self, images, key, settings: EvalSettings, batch_size: int, with_sde: bool):
     images = self._check(images)
+    key = _check_key(key)
     c = self.components
     log_prob = self._log_prob_fn(settings)
     if log_prob.mesh is not None:
@@ -133,7 +137,7 @@ class Model:
     that need more than the ODE bound per image (e.g. the ELBO of the same images)."""
     start = time.perf_counter()
     settings = self.eval_settings(settings, **eval_overrides)
-    batch_size = batch_size or self.config.eval.batch_size
+    batch_size = _check_count("batch_size", batch_size, self.config.eval.batch_size)
     rows = self._rows(images, key, settings, batch_size, with_sde=True)
     fields = run_fields(self.config, settings, self.components.schedule, self.step,
                         batch_size)
@@ -147,7 +151,7 @@ class Model:
                settings: EvalSettings | None = None, **eval_overrides) -> np.ndarray:
     """Per-image lower bound on log P(k) in nats (float64, shape (N,)); arguments as bpd."""
     settings = self.eval_settings(settings, **eval_overrides)
-    batch_size = batch_size or self.config.eval.batch_size
+    batch_size = _check_count("batch_size", batch_size, self.config.eval.batch_size)
     rows = self._rows(images, key, settings, batch_size, with_sde=False)
     return np.array([r["log_prob"] for r in rows])
 
@@ -166,7 +170,9 @@ class Model:
   def sample(self, key: jax.Array, n: int, batch_size: int | None = None) -> np.ndarray:
     """n integer images (N, H, W, C) drawn with config.sample's settings
     (``data.level_dtype``: uint8 for V <= 256)."""
-    batch_size = batch_size or self.config.sample.batch_size
+    key = _check_key(key)
+    n = _check_count("n", n)
+    batch_size = _check_count("batch_size", batch_size, self.config.sample.batch_size)
     parallel.check_batch(batch_size, "batch_size", self.mesh.size)
     shape = (batch_size,) + data_lib.image_shape(self.config.data)
     cache_key = ("sample", shape)
@@ -176,6 +182,32 @@ class Model:
                                               sample_settings(self.config), self.mesh)
     images, _ = draw(self._cache[cache_key], self.params, key, n, batch_size)
     return images
+
+
+def _check_key(key) -> jax.Array:
+  """key as a JAX PRNG key, or a ConfigError saying what a key is."""
+  try:
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      return key
+    arr = jnp.asarray(key)
+  except (TypeError, ValueError):
+    arr = None
+  if arr is None or arr.dtype != jnp.uint32 or arr.shape != (2,):
+    got = (type(key).__name__ if arr is None
+           else f"{type(key).__name__} of dtype {arr.dtype} and shape {arr.shape}")
+    raise ConfigError(f"key must be a JAX PRNG key (jax.random.PRNGKey(0), jax.random.key(0) "
+                      f"or dj.eval_key(config)), got {got}")
+  return arr
+
+
+def _check_count(name: str, value, default=None) -> int:
+  """A positive int argument (``default`` where value is None), or a ConfigError."""
+  if value is None and default is not None:
+    value = default
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+      or value < 1):
+    raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+  return int(value)
 
 
 def load(workdir: str, step: int | None = None) -> Model:
@@ -194,7 +226,8 @@ def load(workdir: str, step: int | None = None) -> Model:
 
 
 def oracle(train_images, config) -> Model:
-  """The closed-form model of the integer images train_images (SPEC 6) under config.
+  """The closed-form model of the integer images train_images (docs/design.md, The oracle) under
+  config.
 
   config.model chooses schedule and parameterization; model.arch is set to 'oracle'.
   """

@@ -16,6 +16,7 @@ import math
 import ml_collections
 
 from diffode_jax import ode, paths, precision, storage
+from diffode_jax.config_fields import ARCHS, FIELDS, check_fields, check_value
 from diffode_jax.data import check_data_config
 from diffode_jax.errors import CheckpointError, ConfigError
 from diffode_jax.likelihood import EvalSettings
@@ -26,7 +27,6 @@ from diffode_jax.schedules import default_gamma_min, default_gamma_u, make_sched
 from diffode_jax.time_sampling import make_time_sampler
 from diffode_jax.train_state import check_training_config
 
-ARCHS = ("unet", "oracle")
 EVAL_OVERRIDES = ("dequantization", "num_importance", "analytic_entropy", "divergence",
                   "gamma_u", "precision", "exact_trace_chunk")
 # Fields that do not change what a workdir trained, with the value a workdir written
@@ -43,9 +43,8 @@ __all__ = ["ARCHS", "ConfigError", "EvalSettings", "SampleSettings", "eval_setti
 def finalize_config(config):
   """A copy of config with derived fields filled in and the choices validated."""
   config = copy.deepcopy(config)
+  check_fields(config)  # every field's own range (config_fields.FIELDS), then the relations
   v = config.data.num_levels
-  if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-    raise ConfigError(f"data.num_levels must be an integer >= 2, got {v!r}")
   with config.unlocked():
     if config.model.gamma_min is None:
       config.model.gamma_min = default_gamma_min(v)
@@ -59,18 +58,9 @@ def finalize_config(config):
   if config.model.fourier_min > config.model.fourier_max:
     raise ConfigError(f"model.fourier_min ({config.model.fourier_min}) must not exceed "
                       f"model.fourier_max ({config.model.fourier_max})")
-  if config.model.arch not in ARCHS:
-    raise ConfigError(f"unknown model.arch {config.model.arch!r}; expected one of {ARCHS}")
-  _check_positive_ints(config)
-  t = config.training
-  for name in ("eval_every", "eval_images"):
-    value = t[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-      raise ConfigError(f"training.{name} must be an integer >= 0, got {value!r}")
-  if t.eval_every and not t.eval_images:
-    raise ConfigError("training.eval_every > 0 needs training.eval_images >= 1")
-  if not isinstance(config.model.remat, bool):
-    raise ConfigError(f"model.remat must be True or False, got {config.model.remat!r}")
+  if not config.model.gamma_min < config.model.gamma_max:
+    raise ConfigError(f"model.gamma_min ({config.model.gamma_min:g}) must be below "
+                      f"model.gamma_max ({config.model.gamma_max:g})")
   try:
     check_data_config(config.data)
     check_network_config(config.model)
@@ -86,26 +76,6 @@ def finalize_config(config):
   if config.model.second_order and config.model.parameterization != "velocity":
     raise ConfigError("model.second_order applies to the velocity parameterization")
   return config
-
-
-# Integer fields that must be >= 1 (a 0 would divide by zero or draw nothing).
-POSITIVE_INTS = {
-    "model": ("channels", "num_blocks", "embed_dim", "num_groups"),
-    "eval": ("batch_size", "max_steps"),
-    "sample": ("num_samples", "batch_size", "max_steps"),
-}
-
-
-def _check_positive_ints(config) -> None:
-  for section, names in POSITIVE_INTS.items():
-    for name in names:
-      value = config[section][name]
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{section}.{name} must be an integer >= 1, got {value!r}")
-  n = config.eval.num_images
-  if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-    raise ConfigError(f"eval.num_images must be an integer >= 1 or None (the whole split), "
-                      f"got {n!r}")
 
 
 # What defines a trained model: a run resumed, evaluated or sampled takes these from the
@@ -199,12 +169,23 @@ def eval_settings(config, **overrides) -> EvalSettings:
   if unknown:
     raise ConfigError(f"unknown evaluation override(s): {sorted(unknown)}; expected "
                       f"{sorted(set(EVAL_OVERRIDES) | solver_fields)}")
+  for name, value in overrides.items():  # the API's keyword overrides: the config's ranges
+    if f"eval.{name}" in FIELDS:
+      check_value(f"eval.{name}", value)
   kw = {name: e[name] for name in EVAL_OVERRIDES}
   kw.update(rest)
   try:
-    return EvalSettings(solver=ode.SolverConfig(**solver_kw), **kw)
+    settings = EvalSettings(solver=ode.SolverConfig(**solver_kw), **kw)
   except (TypeError, ValueError) as err:
     raise ConfigError(str(err)) from None
+  m = config.model
+  if settings.dequantization == "u" and not m.gamma_min <= settings.gamma_u < m.gamma_max:
+    # The u bound integrates the model's ODE from gamma_u to gamma_max: outside the
+    # schedule's range it is not a bound of this model.
+    raise ConfigError(f"eval.gamma_u={settings.gamma_u:g} must lie in the model's range "
+                      f"[model.gamma_min, model.gamma_max) = [{m.gamma_min:g}, "
+                      f"{m.gamma_max:g}) for dequantization=u")
+  return settings
 
 
 def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:

@@ -92,3 +92,39 @@ def test_the_api_does_not_import_the_runner():
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert json.loads(out.stdout.strip().replace("'", '"')) == []
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, x, k: m.bpd(x, k, batch_size=-4), ConfigError, "batch_size must be an integer >= 1"),
+    (lambda m, x, k: m.bpd(x, k, batch_size=2.5), ConfigError, "batch_size must be an integer"),
+    (lambda m, x, k: m.bpd(x, 0), ConfigError, "key must be a JAX PRNG key"),
+    (lambda m, x, k: m.log_prob(x, "seed"), ConfigError, "key must be a JAX PRNG key"),
+    (lambda m, x, k: m.per_image(x, np.zeros(3, np.uint32)), ConfigError, "shape (3,)"),
+    (lambda m, x, k: m.bpd(x[0], k), DataError, "is one image; pass a batch"),
+    (lambda m, x, k: m.bpd(x[:, :4], k), DataError, "images have shape (4, 8, 1)"),
+    (lambda m, x, k: m.bpd(x[..., 0], k), DataError, "an array of shape (4, 8, 8)"),
+    (lambda m, x, k: m.bpd([[1, 2], [3]], k), DataError, "integer array"),
+    (lambda m, x, k: m.bpd(x, k, num_importance=0), ConfigError, "eval.num_importance"),
+    (lambda m, x, k: m.bpd(x, k, dequantization="u", gamma_u=9.0), ConfigError,
+     "must lie in the model's range"),
+    (lambda m, x, k: m.sample(k, 0), ConfigError, "n must be an integer >= 1, got 0"),
+    (lambda m, x, k: m.sample(k, 2.0), ConfigError, "n must be an integer >= 1"),
+    (lambda m, x, k: m.sample(k, 2, batch_size=0), ConfigError, "batch_size must be"),
+    (lambda m, x, k: m.sample(7, 2), ConfigError, "key must be a JAX PRNG key"),
+])
+def test_bad_arguments_are_one_line_diffode_errors(oracle_and_images, call, error, message):
+  """Every argument the API takes is checked before any work, as a DiffodeError."""
+  model, train = oracle_and_images
+  with pytest.raises(error) as err:
+    call(model, train[:4], jax.random.PRNGKey(0))
+  assert isinstance(err.value, DiffodeError)
+  assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_new_style_keys_are_accepted(oracle_and_images):
+  """jax.random.key (typed) and PRNGKey (raw uint32) give the same kind of answer."""
+  model, train = oracle_and_images
+  typed, _ = model.bpd(train[:2], jax.random.key(3), rtol=1e-4, atol=1e-4)
+  raw, _ = model.bpd(train[:2], jax.random.PRNGKey(3), rtol=1e-4, atol=1e-4)
+  assert np.all(np.isfinite(typed))
+  np.testing.assert_allclose(typed, raw, atol=1e-3)

@@ -344,9 +344,9 @@ def test_unwritable_checkpoints_fail_fast_with_one_line(tmp_path):
     ("model", "channels", 0, "model.channels must be an integer >= 1"),
     ("eval", "num_images", 0, "eval.num_images must be an integer >= 1"),
     ("eval", "num_images", -3, "eval.num_images must be an integer >= 1"),
-    ("eval", "rtol", -1e-5, "rtol must be a positive number"),
-    ("sample", "atol", 0.0, "atol must be a positive number"),
-    ("training", "divergence_factor", -1.0, "divergence_factor must be >= 0"),
+    ("eval", "rtol", -1e-5, "eval.rtol must be a number in (0, 0.1]"),
+    ("sample", "atol", 0.0, "sample.atol must be a number > 0"),
+    ("training", "divergence_factor", -1.0, "divergence_factor must be 0 (off) or a number > 1"),
 ])
 def test_bad_values_are_one_line(tmp_path, capsys, section, field, value, fragment):
   config = _config()

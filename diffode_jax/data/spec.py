@@ -110,7 +110,13 @@ def check_data_config(config_data) -> None:
 def check_images(images: np.ndarray, config_data, what: str) -> None:
   """Raises DataError unless images are (N, size, size, channels) integers below V."""
   want = image_shape(config_data)
-  if images.ndim != 4 or images.shape[1:] != want:
+  if images.ndim == 3 and images.shape == want:
+    raise DataError(f"{what}: shape {images.shape} is one image; pass a batch (N,) + {want}, "
+                    f"e.g. images[None]")
+  if images.ndim != 4:
+    raise DataError(f"{what}: an array of shape {images.shape}, where a batch (N,) + {want} "
+                    f"is expected ({shape_fields(config_data)})")
+  if images.shape[1:] != want:
     raise DataError(f"{what}: images have shape {images.shape[1:]}, the config expects "
                     f"{want} ({shape_fields(config_data)})")
   if images.shape[0] == 0:
