@@ -15,11 +15,11 @@ Every user-facing error is a ``dj.DiffodeError``. The command line is ``main.py`
 (train / eval_bpd / sample).
 """
 
-from diffode_jax.api import Model, load, oracle
+from diffode_jax.api import Model, evaluations, load, oracle, read_evaluation
 from diffode_jax.errors import DiffodeError
 from diffode_jax.keys import eval_key
 from diffode_jax.likelihood import EvalSettings
 from diffode_jax.ode import SolverConfig
 
-__all__ = ["DiffodeError", "EvalSettings", "Model", "SolverConfig", "eval_key", "load",
-           "oracle"]
+__all__ = ["DiffodeError", "EvalSettings", "Model", "SolverConfig", "eval_key", "evaluations",
+           "load", "oracle", "read_evaluation"]

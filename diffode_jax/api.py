@@ -24,6 +24,7 @@ here depends on the command-line runner (``diffode_jax.run``). Errors are
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any
 
@@ -33,11 +34,11 @@ import ml_collections
 import numpy as np
 
 from diffode_jax import data as data_lib
-from diffode_jax import parallel, paths
+from diffode_jax import parallel, paths, storage
 from diffode_jax.checkpoint import restore_for_eval
 from diffode_jax.config import (EvalSettings, eval_settings, finalize_config,
                                 read_workdir_config, sample_settings)
-from diffode_jax.errors import ConfigError, DataError
+from diffode_jax.errors import ConfigError, DataError, WorkdirError
 from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, make_sde_fn
 from diffode_jax.model import Components, build
 from diffode_jax.fingerprint import images_fingerprint, params_fingerprint
@@ -208,6 +209,32 @@ def _check_count(name: str, value, default=None) -> int:
       or value < 1):
     raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
   return int(value)
+
+
+def evaluations(workdir: str) -> dict:
+  """Every ``--mode=eval_bpd`` evaluation of a workdir, from eval/index.json:
+  ``{"latest": name of the latest finished one, "evaluations": {name: entry}}``, each entry
+  with its checkpoint step, split, settings, image count, params fingerprint, ``finished``
+  and, once finished, bpd and its standard error."""
+  workdir = paths.expand(workdir)
+  paths.check_supported(workdir)
+  return paths.read_eval_index(workdir)
+
+
+def read_evaluation(workdir: str, name: str | None = None) -> tuple[dict, list]:
+  """(report, per-image rows) of the evaluation ``name`` of a workdir (None: the latest
+  finished one). Raises WorkdirError when there is no such (finished) evaluation."""
+  index = evaluations(workdir)
+  name = index["latest"] if name is None else name
+  entry = index["evaluations"].get(name) if name else None
+  if entry is None or not entry.get("finished"):
+    known = sorted(n for n, e in index["evaluations"].items() if e.get("finished"))
+    raise WorkdirError(f"{paths.expand(workdir)} has no finished evaluation "
+                       f"{name!r}; finished ones: {known or 'none'}")
+  directory = paths.evaluation_dir(paths.expand(workdir), name)
+  report = json.loads(storage.read_text(storage.join(directory, "bpd.json")))
+  rows = storage.read_jsonl(storage.join(directory, "per_image.jsonl"))[1:]
+  return report, rows
 
 
 def load(workdir: str, step: int | None = None) -> Model:

@@ -57,7 +57,8 @@ def dispatch(config, workdir: str, mode: str, explicit=None, *,
 # What a run interrupted by Ctrl-C leaves behind, by mode.
 INTERRUPTED = {
     "train": "the last saved checkpoint is intact; rerun to resume from it",
-    "eval_bpd": "the finished batches are in eval/per_image.jsonl; rerun to resume",
+    "eval_bpd": ("the finished batches are kept in eval/ (eval/index.json names the "
+                 "evaluation); rerun to resume"),
     "sample": "no samples were written; rerun to draw them",
     "import_official": "no checkpoint was written; rerun to import",
 }

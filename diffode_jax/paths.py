@@ -1,10 +1,13 @@
-"""Where the files of a workdir are (SPEC 8), and which workdirs are supported.
+"""Where the files of a workdir are (docs/design.md, The workdir), and which workdirs are supported.
 
     <workdir>/config.json            the finalized config of the run
     <workdir>/checkpoints/<step>/    orbax checkpoints
     <workdir>/metrics.jsonl          one JSON object per logged step
     <workdir>/tensorboard/           TensorBoard events
-    <workdir>/eval/                  bpd.json and per_image.jsonl of --mode=eval_bpd
+    <workdir>/eval/<name>/           bpd.json and per_image.jsonl of one --mode=eval_bpd
+    <workdir>/eval/index.json        every evaluation by name, and the latest finished one
+    <workdir>/eval/bpd.json          copies of the latest finished evaluation's two files
+    <workdir>/eval/per_image.jsonl
     <workdir>/samples/               grid.png, samples.npz, sample.json of --mode=sample
 
 A workdir is a local directory or a Cloud Storage prefix (``gs://bucket/run``); the files
@@ -14,6 +17,7 @@ themselves are read and written through ``diffode_jax.storage``. Both the librar
 
 from __future__ import annotations
 
+import json
 import os
 
 from diffode_jax import storage
@@ -51,6 +55,24 @@ def tensorboard_dir(workdir: str) -> str:
 
 def eval_dir(workdir: str) -> str:
   return storage.join(workdir, "eval")
+
+
+def evaluation_dir(workdir: str, name: str) -> str:
+  """The directory of one named evaluation (``run.workdir.evaluation_name``)."""
+  return storage.join(workdir, "eval", name)
+
+
+def eval_index_path(workdir: str) -> str:
+  return storage.join(workdir, "eval", "index.json")
+
+
+def read_eval_index(workdir: str) -> dict:
+  """eval/index.json: {"latest": name or None, "evaluations": {name: entry}} (empty when
+  the workdir has no evaluation yet)."""
+  path = eval_index_path(workdir)
+  if not storage.exists(path):
+    return {"latest": None, "evaluations": {}}
+  return json.loads(storage.read_text(path))
 
 
 def samples_dir(workdir: str) -> str:

@@ -95,10 +95,23 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def rows_path(workdir):
+  """per_image.jsonl of the evaluation started last (eval/index.json), or None."""
+  from diffode_jax.run import workdir as workdir_lib
+
+  try:
+    return workdir_lib.newest_rows_path(os.fspath(workdir))
+  except (OSError, ValueError):  # index.json being replaced
+    return None
+
+
 def per_image_rows(workdir) -> list[dict]:
-  """The rows of eval/per_image.jsonl (its header line dropped)."""
-  with open(os.path.join(workdir, "eval", "per_image.jsonl")) as f:
-    lines = [json.loads(l) for l in f if l.strip()]
+  """The rows of the evaluation started last (its header line dropped; [] before any)."""
+  path = rows_path(workdir)
+  if path is None or not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = [json.loads(l) for l in f if l.strip().endswith("}")]
   return lines[1:]
 
 

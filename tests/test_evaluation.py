@@ -90,7 +90,7 @@ def test_eval_resume_redoes_only_missing_batches(trained, monkeypatch):
   assert [r["index"] for r in rows] == list(range(48))
 
   # A kill while the second batch was being written: one batch and a cut line survive.
-  path = os.path.join(workdir, "eval", "per_image.jsonl")
+  path = procs.rows_path(workdir)
   with open(path, "w") as f:
     f.write(json.dumps({"header": header}) + "\n")
     for r in rows[:20]:
@@ -177,7 +177,8 @@ def _initial_model_bpd(images, num_levels: int):
 
   At initialization the U-Net's last convolution is zero, so with the base-measure skip
   F = x_gamma, and the VP velocity drift is c x with c = sigma alpha / 2 =
-  1 / (4 cosh(gamma / 2)) (SPEC 3): a linear ODE with x_1 = e^L x_0 and divergence c D,
+  1 / (4 cosh(gamma / 2)) (docs/design.md, Parameterizations): a linear ODE with x_1 = e^L x_0 and
+  divergence c D,
   L = [arctan(sinh(gamma / 2)) / 2] from gamma_0 to gamma_max. The model density of z_0
   is then N(0, (sigma_1 e^-L)^2 I), and with z_0 = alpha_0 x + sigma_0 eps, eps ~ TN(0, 1;
   [-tau, tau]) of second moment m2, the expected bound per dimension (nats) is

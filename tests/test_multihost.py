@@ -122,8 +122,9 @@ def test_eval_on_four_devices_and_two_hosts_gives_the_one_device_bounds(trained,
     report = json.load(open(os.path.join(workdir, "eval", "bpd.json")))
     assert (report["num_devices"], report["num_processes"]) == (devices, processes)
     assert report["num_images"] == 22 and report["precision"] == "highest"
-    assert sorted(os.listdir(os.path.join(workdir, "eval"))) == ["bpd.json",
-                                                                   "per_image.jsonl"]
+    names = sorted(os.listdir(os.path.join(workdir, "eval")))
+    assert names[:3] == ["bpd.json", "index.json", "per_image.jsonl"] and len(names) == 4
+    assert report["evaluation"] == names[3]
 
 
 # The solve of one batch of 8 on 4 devices: its compiled (partitioned) program must
@@ -176,11 +177,10 @@ def _initial_count(stderr: str) -> int:
 def test_a_killed_two_host_evaluation_resumes_without_redoing_batches(trained, tmp_path):
   workdir = _copy(trained, tmp_path, "killed")
   flags = _flags(eval__batch_size=4, eval__num_images=160)
-  path = os.path.join(workdir, "eval", "per_image.jsonl")
   first = procs.start_hosts(workdir, *flags, mode="eval_bpd")
   deadline = time.monotonic() + 240
   while time.monotonic() < deadline:  # until process 0 has written two batches
-    if os.path.exists(path) and len(procs.per_image_rows(workdir)) >= 8:
+    if len(procs.per_image_rows(workdir)) >= 8:
       break
     assert all(p.poll() is None for p in first), "the evaluation ended before the kill"
     time.sleep(0.05)

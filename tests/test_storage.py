@@ -103,15 +103,15 @@ def test_metrics_and_tensorboard_rows_once_after_truncation(storage_root):
 def test_per_image_rows_resume_keeps_whole_batches(storage_root):
   header = {"seed": 0}
   rows = [{"index": i, "bpd": float(i)} for i in range(6)]
-  first = workdir_lib.PerImageRows(storage_root.root)
+  first = workdir_lib.PerImageRows(storage_root.root, "e")
   assert first.start(header, 6, 2) == 0
   first.add(rows[:2])
   first.add(rows[2:3])  # a batch cut short by a kill
-  resumed = workdir_lib.PerImageRows(storage_root.root)
+  resumed = workdir_lib.PerImageRows(storage_root.root, "e")
   assert resumed.start(header, 6, 2) == 1 and resumed.rows == rows[:2]
   resumed.add(rows[2:4])
   resumed.add(rows[4:6])
-  lines = storage.read_jsonl(storage_root / "eval/per_image.jsonl")
+  lines = storage.read_jsonl(storage_root / "eval/e/per_image.jsonl")
   assert lines[0]["header"] == header and lines[1:] == rows
 
 

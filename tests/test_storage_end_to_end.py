@@ -21,6 +21,7 @@ import diffode_jax as dj
 import procs
 from diffode_jax import cli, paths, run, storage
 from diffode_jax.checkpoint import Checkpointer
+from diffode_jax.run import workdir as workdir_lib
 
 pytestmark = pytest.mark.subprocess
 
@@ -41,8 +42,9 @@ def _kill(proc):
 
 def _per_image_rows(workdir):
   try:
-    return storage.read_jsonl(storage.join(paths.eval_dir(workdir), "per_image.jsonl"))[1:]
-  except OSError:  # being replaced (local rename)
+    path = workdir_lib.newest_rows_path(workdir)
+    return [] if path is None else storage.read_jsonl(path)[1:]
+  except (OSError, ValueError):  # being replaced (local rename)
     return []
 
 

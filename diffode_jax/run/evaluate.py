@@ -1,5 +1,7 @@
 """``--mode=eval_bpd``: bits/dim of a checkpoint's EMA params (or the oracle) on eval.split,
-written to eval/per_image.jsonl batch by batch (resumable) and eval/bpd.json (SPEC 5, 8).
+written under its own name, eval/<name>/per_image.jsonl batch by batch (resumable) and
+eval/<name>/bpd.json, listed in eval/index.json; eval/bpd.json and eval/per_image.jsonl are
+the latest finished evaluation's (docs/evaluation.md, Per-image results).
 
 Every device of every process takes part: each batch of ``eval.batch_size`` images is
 split over the data-parallel mesh (``likelihood.py``), each process placing only its own
@@ -34,12 +36,13 @@ def evaluate(config, workdir: str, explicit=None) -> dict:
   """bits/dim of the EMA params of the latest checkpoint (or the oracle) on eval.split.
 
   What defines the model comes from the workdir's config.json (``explicit``: the fields
-  set on the command line, which may not contradict it; None: all of them). Per-image
-  rows are appended to eval/per_image.jsonl after every batch; a rerun whose every
-  row-changing field is the same (the header: model, checkpoint, settings, batch size,
-  seed, data) keeps the finished batches and computes only the missing ones. One
-  evaluation per workdir at a time (eval/.lock). Returns the report written to
-  eval/bpd.json.
+  set on the command line, which may not contradict it; None: all of them). Each
+  evaluation has its own directory eval/<name>/ (``workdir.evaluation_name``: its
+  settings and a digest of every row-changing field, the header: model, checkpoint,
+  settings, batch size, seed, images); per-image rows are appended there after every
+  batch, and a rerun of the same evaluation keeps the finished batches and computes only
+  the missing ones. One evaluation per workdir at a time (eval/.lock). Returns the report,
+  written to eval/<name>/bpd.json and, as the latest, eval/bpd.json.
   """
   config = model_config(config, workdir, explicit)
   if eval_settings(config).solver.solver != "scipy_rk45":  # the host loop: one device
@@ -126,10 +129,10 @@ def _evaluate_and_write(config, workdir, log_prob, params, images, settings, com
                         sde_fn, fields, data_fields, num_devices) -> dict:
   e = config.eval
   is_chief = jax.process_index() == 0
-  per_image = workdir_lib.PerImageRows(workdir)
+  evaluations = workdir_lib.Evaluations(workdir)
   first_batch = 0
   if is_chief:
-    first_batch = per_image.start({**fields, **data_fields}, len(images), e.batch_size)
+    first_batch = evaluations.start({**fields, **data_fields}, len(images), e.batch_size)
   first_batch = parallel.broadcast_from_chief(first_batch)
 
   start = time.perf_counter()
@@ -140,18 +143,19 @@ def _evaluate_and_write(config, workdir, log_prob, params, images, settings, com
                                  first_batch):
       bar.update(len(rows))
       if is_chief:
-        per_image.add(rows)
-        bar.set_postfix(bpd=f"{np.mean([r['bpd'] for r in per_image.rows]):.4f}",
+        evaluations.rows.add(rows)
+        done = evaluations.rows.rows
+        bar.set_postfix(bpd=f"{np.mean([r['bpd'] for r in done]):.4f}",
                         nfe=f"{rows[0]['nfe']:.0f}")
   finally:
     bar.close()
 
-  path = storage.join(paths.eval_dir(workdir), "bpd.json")
   if is_chief:
-    report = bpd_report(fields, per_image.rows, time.perf_counter() - start, **data_fields,
-                        **devices_fields(num_devices, jax.process_count()))
-    workdir_lib.write_json(path, report)
+    report = bpd_report(fields, evaluations.rows.rows, time.perf_counter() - start,
+                        **data_fields, **devices_fields(num_devices, jax.process_count()))
+    evaluations.finish(report)
+    report = {**report, "evaluation": evaluations.name}
   parallel.sync("diffode_jax: eval written")
   if not is_chief:  # the report process 0 wrote (the workdir is shared)
-    report = json.loads(storage.read_text(path))
+    report = json.loads(storage.read_text(storage.join(paths.eval_dir(workdir), "bpd.json")))
   return report
