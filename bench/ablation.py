@@ -3,6 +3,7 @@
     python bench/ablation.py                 # full run: about 2.5 hours on 2 CPU cores
     python bench/ablation.py --quick         # reduced budget, minutes
     python bench/ablation.py --budget=long   # the best digits setting at 4x the steps, ~1 h
+    python bench/ablation.py --paired        # per-image values for the paired differences
     python bench/ablation.py --budget=long --datasets=photo_patches   # issue 16, hours
 
 Every setting trains the same network with the same steps, batch and seed
@@ -274,6 +275,7 @@ def evaluate_final(workdir, test_images, k8_images, evals, out=None, per_image=F
                            "num_images")}
     if per_image:
       out[name]["per_image"] = [r["bpd"] for r in rows]
+      out[name]["nfe_per_image"] = [r["nfe"] for r in rows]
       out[name]["sde_per_image"] = elbo_per_image(model, images, 16).tolist()
     print(f"  {deq} K={k}: {report['bpd']:.4f} +- {report['bpd_stderr']:.4f}", flush=True)
   return out
@@ -307,8 +309,32 @@ def run_setting(dataset, setting, budget, runs_dir, test_images, k8_images):
   result = {"steps": steps, "curve": curve, "train_seconds": time.perf_counter() - start,
             "commit": commit()}
   result["eval"] = evaluate_final(workdir, test_images, k8_images, budget["evals"],
-                                  per_image=bool(budget.get("curve_deqs")))
+                                  per_image=True)
   return result
+
+
+def add_per_image(dataset, per, budget, suffix, runs_dir, train_images, test_images,
+                  k8_images):
+  """Per-image values of the final models' tn and u bounds (with their ELBO and NFE) and of
+  the Gaussian mixture, where the cached results lack them: evaluated again on the saved
+  runs (same images and keys, so the means do not change) for the paired differences."""
+  gmm = per.get("baselines", {}).get("Gaussian mixture (u-deq)")
+  if gmm is not None and "per_image" not in gmm:
+    gmm["per_image"] = gmm_bits(train_images, test_images)[0].tolist()
+    save_dataset(dataset, per, budget, suffix)
+  for setting, res in per.items():
+    if setting == "baselines":
+      continue
+    workdir = os.path.join(runs_dir, dataset, _slug(setting))
+    wanted = [e for e in (("tn", 1, "test"), ("u", 1, "test")) if e in budget["evals"]]
+    missing = [e for e in wanted if "per_image" not in res["eval"].get(_eval_name(*e), {})]
+    if not missing or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+      continue
+    print(f"{dataset}: per-image values of {setting!r}", flush=True)
+    for e in missing:
+      res["eval"].pop(_eval_name(*e), None)
+    evaluate_final(workdir, test_images, k8_images, missing, res["eval"], per_image=True)
+    save_dataset(dataset, per, budget, suffix)
 
 
 def _json_path(dataset, suffix):
@@ -405,8 +431,9 @@ def write_table(budgets, suffix):
                  + "; ".join(reached) + ".")
   extra = []
   for dataset, budget in budgets.items():
-    if budget.get("curve_deqs") and cached[dataset]:
-      extra += [""] + paired_lines(dataset, cached[dataset], budget)
+    if cached[dataset]:
+      more = paired_lines(dataset, cached[dataset], budget)
+      extra += [""] + more if more else []
   table = "\n".join(lines + [""] + rows + ([""] + notes if notes else []) + extra) + "\n"
   with open(os.path.join(RESULTS, f"ablation{suffix}.md"), "w") as f:
     f.write(table)
@@ -420,12 +447,26 @@ def paired(a, b):
 
 
 def _pm(mean_se, digits=3):
+  """"+m +- se", with more digits where the standard error would round to 0."""
+  while digits < 6 and round(mean_se[1], digits) == 0 and mean_se[1] > 0:
+    digits += 1
   return f"{mean_se[0]:+.{digits}f} +- {mean_se[1]:.{digits}f}"
 
 
 def paired_lines(dataset, per, budget):
-  """Markdown of the paired curve (tn - u, ODE - ELBO, NFE per step) and of the paired
-  final comparisons, for budgets with ``curve_deqs``."""
+  """Markdown of the paired curve (tn - u, ODE - ELBO, NFE per step; budgets with
+  ``curve_deqs``) and of the paired comparisons of the final models (where their per-image
+  values are kept)."""
+  lines = curve_lines(dataset, per, budget) if budget.get("curve_deqs") else []
+  finals = final_lines(per, budget)
+  if finals:
+    lines += ([""] if lines else []) + [f"### {dataset}: final models, paired differences", ""]
+    lines += finals
+  return lines
+
+
+def curve_lines(dataset, per, budget):
+  """The paired curve table of a budget with ``curve_deqs``."""
   lines = [f"### {dataset}: paired differences (same images, same keys)", "",
            f"Curve on a fixed subset of {budget['curve_images']} test images; differences are "
            "per-image means +- their standard error. `tn - ELBO` is the gap between the "
@@ -448,6 +489,12 @@ def paired_lines(dataset, per, budget):
           f"{_pm(paired(tn['per_image'], u['per_image']))} | {sde['bpd']:.3f} | "
           f"{_pm(paired(tn['per_image'], sde['per_image']))} | "
           f"{tn['nfe_mean']:.0f} / {u['nfe_mean']:.0f} | {c.get('sample_nfe', float('nan')):.0f} |")
+  return lines
+
+
+def final_lines(per, budget):
+  """Paired differences between the final models' per-image bounds (same images, keys)."""
+  lines = []
   gmm = per.get("baselines", {}).get("Gaussian mixture (u-deq)", {})
   finals = {name: res["eval"] for name, res in per.items()
             if name != "baselines" and "per_image" in res.get("eval", {}).get("tn_K1", {})}
@@ -457,6 +504,12 @@ def paired_lines(dataset, per, budget):
     return e["per_image"] if e and "per_image" in e else None
 
   comparisons = [
+      ("velocity, IS tn - eps, uniform t tn", ("velocity, IS", "tn"), ("eps, uniform t", "tn")),
+      ("velocity, uniform t tn - eps, uniform t tn", ("velocity, uniform t", "tn"),
+       ("eps, uniform t", "tn")),
+      ("velocity, IS tn - velocity, uniform t tn", ("velocity, IS", "tn"),
+       ("velocity, uniform t", "tn")),
+      ("SP tn - VP tn (velocity, IS)", ("velocity, IS, SP", "tn"), ("velocity, IS", "tn")),
       ("bin-centre tn - bin-centre u", ("velocity, IS", "tn"), ("velocity, IS", "u")),
       ("bin-centre tn - uniform-trained u", ("velocity, IS", "tn"),
        ("velocity, IS, train u-deq", "u")),
@@ -481,9 +534,21 @@ def paired_lines(dataset, per, budget):
     if a is not None and "sde_per_image" in finals[name]["tn_K1"]:
       rows.append(f"| {name}: tn - ELBO | "
                   f"{_pm(paired(a, finals[name]['tn_K1']['sde_per_image']))} |")
+  second, first = finals.get("velocity, IS + 2nd order"), finals.get("velocity, IS + 1st order")
+  if second and first and all("sde_per_image" in f["tn_K1"] for f in (second, first)):
+    gap = [np.subtract(f["tn_K1"]["per_image"], f["tn_K1"]["sde_per_image"])
+           for f in (second, first)]
+    rows.append(f"| 2nd-order (tn - ELBO) - 1st-order control (tn - ELBO) | "
+                f"{_pm(paired(*gap))} |")
+  if second and first:
+    # One solve per batch: every image of a batch has its NFE, so only the means compare.
+    rows.append(f"| 2nd-order NFE - 1st-order control NFE (mean of the tn solves; "
+                f"function evaluations, not bits/dim) | "
+                f"{second['tn_K1']['nfe_mean'] - first['tn_K1']['nfe_mean']:+.1f} |")
   if rows:
-    lines += ["", f"Final models on the {budget['test_images']} test images of the table "
-              "(paired):", "", "| difference | bits/dim |", "|---|---|"] + rows
+    lines += [f"Final models on the {budget['test_images']} test images of the table "
+              "(paired: the same images and keys; ELBO per image: the mean of 16 Monte "
+              "Carlo draws):", "", "| difference | bits/dim |", "|---|---|"] + rows
   return lines
 
 
@@ -569,6 +634,9 @@ def main():
                       help="semicolon-separated setting names (see the module docstring); "
                            "default: all of them, or only the best one with --budget=long")
   parser.add_argument("--runs_dir", default=None, help="where the training runs go")
+  parser.add_argument("--paired", action="store_true",
+                      help="add per-image values to cached results that lack them (from the "
+                           "saved runs) for the paired differences of the final models")
   parser.add_argument("--wait", action="store_true",
                       help="a fine-tune whose source setting is not finished waits for "
                            "another process to finish it (instead of being skipped)")
@@ -632,6 +700,9 @@ def main():
       print(f"{dataset}: {setting}", flush=True)
       per[setting] = run_setting(dataset, setting, budget, runs_dir, test_images, k8_images)
       save_dataset(dataset, per, budget, suffix)
+    if args.paired:
+      add_per_image(dataset, per, budget, suffix, runs_dir, train_images, test_images,
+                    k8_images)
     save_dataset(dataset, per, budget, suffix)
   write_table(budgets, suffix)
 

@@ -151,3 +151,19 @@ def test_paired_table_rows_from_per_image_values():
   assert "| bin-centre tn - bin-centre u | +0.500 +- 0.289 |" in lines
   assert "| velocity, IS tn - Gaussian mixture | +1.000 +- 0.000 |" in lines
   assert "| velocity, IS: tn - ELBO | +1.000 +- 0.000 |" in lines
+
+
+def test_paired_differences_of_the_final_models_are_per_image_means():
+  """The final-model rows of the table are means +- standard errors of per-image
+  differences (checked here against numbers worked out by hand)."""
+  a, b = [1.0, 2.0, 4.0], [0.5, 1.0, 3.0]  # differences 0.5, 1.0, 1.0: mean 5/6
+  se = (((0.5 - 5 / 6) ** 2 + 2 * (1 / 6) ** 2) / 2) ** 0.5 / 3 ** 0.5
+  per = {"eps, uniform t": {"eval": {"tn_K1": {"bpd": 7 / 3, "per_image": b,
+                                               "sde_per_image": b, "nfe_mean": 100.0}}},
+         "velocity, IS": {"eval": {"tn_K1": {"bpd": 2.5, "per_image": a,
+                                             "sde_per_image": b, "nfe_mean": 90.0}}}}
+  lines = ablation.final_lines(per, {"test_images": 3})
+  row = next(l for l in lines if l.startswith("| velocity, IS tn - eps, uniform t tn |"))
+  assert row == f"| velocity, IS tn - eps, uniform t tn | +{5 / 6:.3f} +- {se:.3f} |"
+  assert any(l.startswith("| velocity, IS: tn - ELBO |") for l in lines)
+  assert ablation._pm((0.0021, 0.0003)) == "+0.0021 +- 0.0003"  # no "+- 0.000"
