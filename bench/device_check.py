@@ -1,6 +1,6 @@
 """Device check: training and likelihood throughput at the CIFAR-10 reference size.
 
-    python bench/device_check.py            # reference size (SPEC 7), for a GPU / TPU
+    python bench/device_check.py            # the reference size, for a GPU / TPU
     python bench/device_check.py --tiny     # tiny sizes, runs on a CPU in a minute
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python bench/device_check.py --tiny
 

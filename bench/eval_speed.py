@@ -15,7 +15,8 @@ the same dequantization noise and Rademacher probe, and the same tolerances:
   device (the default ``eval.solver``, chosen by this benchmark: fewer evaluations);
 * ``scipy RK45, jvp``: the official code's host loop (``eval.solver = scipy_rk45``);
 * ``diffrax tsit5, vjp``: the Tsit5 solve with a VJP-based Hutchinson estimate, the
-  variant that XLA:CPU runs slowly inside loops (jax-ml/jax#12868, SPEC 9); it is so slow
+  variant that XLA:CPU runs slowly inside loops (jax-ml/jax#12868, docs/design.md, Numerical
+  facts); it is so slow
   that only its first ``--vjp-steps`` solver steps are timed (the cost per evaluation is
   what is compared).
 

@@ -41,7 +41,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 
-# name -> model overrides of configs/cifar10_velocity.py (SPEC 7).
+# name -> model overrides of configs/cifar10_velocity.py (docs/reproducing.md, The official setup).
 CONFIGS = {
     "cifar10": {},  # 128 channels, 32 blocks, embedding 512: 30.6M parameters
     "imagenet32": {"channels": 256, "embed_dim": 1024},  # the official imagenet32 width

@@ -1,4 +1,5 @@
-"""CIFAR-10, i-DODE reference (SPEC 7): VP, velocity, importance sampling, 128 channels.
+"""CIFAR-10, i-DODE reference (docs/reproducing.md, The official setup): VP, velocity, importance
+sampling, 128 channels.
 
 The network and training setup of the official i-DODE code (thu-ml/i-DODE,
 configs/cifar10.py, experiment.py, model_vdm.py), so that its released checkpoints import

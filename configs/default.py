@@ -33,7 +33,8 @@ def get_config():
   data.augment = False  # random flips / quarter turns; the network is told which (conditioning)
 
   config.model = model = ml_collections.ConfigDict()
-  model.arch = "unet"  # unet | oracle (closed-form velocity of the training set, SPEC 6)
+  # unet | oracle (closed-form velocity of the training set, docs/design.md, The oracle)
+  model.arch = "unet"
   model.schedule = "VP"  # VP | SP
   model.parameterization = "velocity"  # velocity | eps
   model.gamma_min = ml_collections.config_dict.placeholder(float)  # None: -2 log(3 V), -13.28 for 8-bit

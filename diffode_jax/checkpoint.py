@@ -494,7 +494,8 @@ def restore_for_eval(config, workdir: str, step=None, damaged: list | None = Non
   """(components, params, checkpoint step) of a finalized config, for evaluation/sampling.
 
   The U-Net restores the EMA params of a checkpoint in workdir (the latest when step is
-  None). The oracle (SPEC 6) has no checkpoint: its params are the training split, step
+  None). The oracle (docs/design.md, The oracle) has no checkpoint: its params are the training
+  split, step
   is None.
   """
   if config.model.arch == "oracle":

@@ -1,4 +1,4 @@
-"""The factorized per-pixel decoder p(k | z_0) of VDM (SPEC 4).
+"""The factorized per-pixel decoder p(k | z_0) of VDM (docs/design.md, ELBO terms and the decoder).
 
 At gamma_0 = gamma_min the state z_0 = alpha_0 x + sigma_0 eps is nearly noise-free. The
 decoder scores each of the V bin centres x_j by a Gaussian around z_0 / alpha_0 with

@@ -1,7 +1,8 @@
 """From integer images to continuous states, and the log-density terms that go with them.
 
 Integers k in {0, ..., V-1} map to bin centres x = (2k + 1) / V - 1 in (-1, 1); each bin
-has half width 1 / V. SPEC 5 defines three ways to turn the ODE's continuous density into
+has half width 1 / V. docs/design.md (Dequantizations) defines three ways to turn the ODE's
+continuous density into
 a lower bound on the discrete probability P(k); each dequantizer returns the ODE start
 state z0 at gamma0 and ``log_weight`` so that (natural logs, per example)
 

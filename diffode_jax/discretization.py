@@ -1,4 +1,4 @@
-"""Integer images and their bins in x-space (SPEC 1).
+"""Integer images and their bins in x-space (docs/design.md, Data and discretization).
 
 Images are integers k in {0, ..., V-1}; the model sees bin centres scaled to (-1, 1):
 x = (2k + 1) / V - 1. Each bin has width 2 / V. bits/dim = -log2 P(k) / D, where D is the

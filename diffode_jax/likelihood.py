@@ -1,4 +1,4 @@
-"""Bits/dim of integer images under a diffusion ODE (SPEC 5).
+"""Bits/dim of integer images under a diffusion ODE (docs/design.md, Bits/dim).
 
 ``make_log_prob_fn`` builds the per-batch bound; ``evaluate_batches`` runs it over a data
 set batch by batch (the one evaluation loop, shared by ``run.evaluate`` and the Python

@@ -1,4 +1,4 @@
-"""Training objectives (SPEC 4), per example, in nats.
+"""Training objectives (docs/design.md, Losses), per example, in nats.
 
 First order, likelihood weighting (the continuous-time diffusion term of the VDM ELBO):
 

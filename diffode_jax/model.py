@@ -78,7 +78,8 @@ def unet_net_fn(config):
 
 
 def oracle_net_fn(config, train_images):
-  """(init_params, net_fn) of the closed-form oracle of train_images (SPEC 6)."""
+  """(init_params, net_fn) of the closed-form oracle of train_images (docs/design.md, The
+  oracle)."""
   parameterization = make_parameterization(config.model, make_schedule(config.model))
   return oracle_net(train_images, config.data.num_levels, parameterization)
 

@@ -1,4 +1,5 @@
-"""The probability-flow ODE augmented with the log-density change (SPEC 5).
+"""The probability-flow ODE augmented with the log-density change (docs/design.md, The augmented
+ODE).
 
 State (x, l) with x of shape (B, H, W, C) and l of shape (B,), integrated in gamma from
 gamma_0 (data end) to gamma_max:

@@ -1,4 +1,5 @@
-"""The closed-form network of a finite training set: a model with a known answer (SPEC 6).
+"""The closed-form network of a finite training set: a model with a known answer (docs/design.md,
+The oracle).
 
 For data x_1..x_N (bin centres in (-1, 1)) drawn uniformly, the marginal at gamma is the
 Gaussian mixture
@@ -9,7 +10,8 @@ and the posterior over which training point produced x_g has the softmax weights
 
     w_i(x_g) = softmax_i( -||x_g - alpha x_i||^2 / (2 sigma^2) ).
 
-The minimizer of every regression loss of SPEC 4 is the posterior mean of its target.
+The minimizer of every regression loss of docs/design.md, Losses is the posterior mean of its
+target.
 Targets are linear in (x, eps), so the oracle output is the target evaluated at the
 posterior means
 

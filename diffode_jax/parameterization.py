@@ -1,4 +1,4 @@
-"""What the network output F(x_gamma, gamma) means (SPEC 3).
+"""What the network output F(x_gamma, gamma) means (docs/design.md, Parameterizations).
 
 Two parameterizations share one interface:
 
@@ -14,7 +14,7 @@ Two parameterizations share one interface:
   ============  ======================  ======================  ===========================
 
 For every pair, eps - eps_hat = ``eps_scale(gamma)`` * (F* - F), which is what turns the
-likelihood-weighted noise loss into a weighted regression on F (SPEC 4).
+likelihood-weighted noise loss into a weighted regression on F (docs/design.md, Losses).
 
 Per-example gamma has shape (B,) and broadcasts against images of shape (B, H, W, C);
 a scalar gamma broadcasts against everything.
@@ -99,7 +99,7 @@ class Parameterization:
     return _SQRT2 * alpha
 
   def second_order_residual(self, divergence, sq_error, dim, gamma):
-    """The trace residual e of second-order flow matching (SPEC 4).
+    """The trace residual e of second-order flow matching (docs/design.md, Second order).
 
     Args:
       divergence: tr(dF/dx_gamma) per example (an unbiased estimate is enough).

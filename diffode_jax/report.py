@@ -1,5 +1,5 @@
 """The bits/dim report: one definition of its fields, shared by ``eval/bpd.json`` and the
-Python API's ``Model.bpd`` (SPEC 5: per-image results summarized with the settings that
+Python API's ``Model.bpd`` (docs/evaluation.md: per-image results summarized with the settings that
 produced them).
 """
 

@@ -1,4 +1,4 @@
-"""Sampling by the probability-flow ODE, and its inverse (SPEC 5, last paragraph).
+"""Sampling by the probability-flow ODE, and its inverse (docs/design.md, Sampling).
 
 Sampling draws x_1 ~ N(0, sigma_max^2 I) at gamma_max, solves dx/dgamma = drift(x, gamma)
 backwards to gamma_min on device (diffrax, no divergence), and maps the state

@@ -1,4 +1,4 @@
-"""Noise schedules in gamma-time (SPEC 2).
+"""Noise schedules in gamma-time (docs/design.md, Schedules).
 
 Convention: gamma = -log SNR = log(sigma^2 / alpha^2). The data end is gamma_min
 (almost no noise), the noise end is gamma_max. The forward path is
@@ -32,13 +32,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-# The truncated normal of SPEC 5 lives on [-tau, tau] with tau = alpha_0 / (sigma_0 V);
+# The truncated normal of docs/design.md, Dequantizations lives on [-tau, tau] with tau = alpha_0 /
+# (sigma_0 V);
 # the reference gamma_min makes tau = 3 (so 0.27% of a standard normal's mass is cut).
 DEFAULT_TAU = 3.0
 
 
 def default_gamma_min(num_levels: int, tau: float = DEFAULT_TAU) -> float:
-  """gamma_min such that alpha/sigma at gamma_min equals tau * V (SPEC 2).
+  """gamma_min such that alpha/sigma at gamma_min equals tau * V (docs/design.md, Schedules).
 
   -2 log(tau V): -13.28 for V = 256, about -7.86 for V = 17. Valid for both schedules,
   since gamma = log(sigma^2 / alpha^2) by definition.
@@ -49,7 +50,7 @@ def default_gamma_min(num_levels: int, tau: float = DEFAULT_TAU) -> float:
 
 
 def default_gamma_u(num_levels: int) -> float:
-  """Start time of the ODE for uniform dequantization (SPEC 5).
+  """Start time of the ODE for uniform dequantization (docs/design.md, Dequantizations).
 
   The reference value is -11.8 for V = 256; for other bit depths the same relative
   noise level is -11.8 + 2 log(256 / V), which is gamma_min + 1.5 to within 0.02.

@@ -1,4 +1,4 @@
-"""Sampling the diffusion time gamma for the training loss (SPEC 4).
+"""Sampling the diffusion time gamma for the training loss (docs/design.md, Time sampling).
 
 A sampler draws per-example gamma in [gamma_min, gamma_max] with density p(gamma) and
 returns the importance weight 1 / p(gamma), so that for any integrand h

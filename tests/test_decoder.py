@@ -1,4 +1,5 @@
-"""The per-pixel decoder p(k | z_0) of VDM (SPEC 4, ``decoder.py``): normalization, the
+"""The per-pixel decoder p(k | z_0) of VDM (docs/design.md, ELBO terms; ``decoder.py``):
+normalization, the
 inverse of the bin centres, the window of bins for large V against all V logits in float64
 numpy, its samples against its probabilities, and the integer type of what it returns."""
 
@@ -42,7 +43,8 @@ def test_decoder_normalizes_and_inverts_bin_centres(levels):
 
 
 def _full_decoder_log_probs(z0, gamma_min, levels):
-  """All V normalized log-probabilities in float64 numpy (SPEC 4 logits, no window)."""
+  """All V normalized log-probabilities in float64 numpy (decoder logits of docs/design.md, no
+  window)."""
   c = math.exp(gamma_min / 2)  # sigma_0 / alpha_0
   alpha0 = math.sqrt(1 / (1 + math.exp(gamma_min)))  # VP
   centres = (2 * np.arange(levels) + 1) / levels - 1

@@ -1,4 +1,5 @@
-"""Dequantization (SPEC 5) against direct densities, quadrature and Monte Carlo."""
+"""Dequantization (docs/design.md, Dequantizations) against direct densities, quadrature and Monte
+Carlo."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""Bad input (SPEC 8): one line on stderr, exit status 1, the workdir as it was.
+"""Bad input (docs/design.md, The workdir): one line on stderr, exit status 1, the workdir as it
+was.
 
 Most cases go through ``cli.dispatch`` in-process (what main.py runs after flag parsing);
 flag parsing itself needs main.py in a subprocess. The batch size that does not divide the

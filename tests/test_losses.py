@@ -1,4 +1,5 @@
-"""Training objectives (SPEC 4) against Gaussian closed forms, quadrature and Monte Carlo.
+"""Training objectives (docs/design.md, Losses) against Gaussian closed forms, quadrature and Monte
+Carlo.
 
 For data x ~ N(mu, s^2 I) the noisy marginal is x_g ~ N(alpha mu, v I) with
 v = alpha^2 s^2 + sigma^2, and the exact posterior means are
@@ -6,7 +7,7 @@ v = alpha^2 s^2 + sigma^2, and the exact posterior means are
     E[eps | x_g] = sigma (x_g - alpha mu) / v,   E[x | x_g] = mu + alpha s^2 (x_g - alpha mu) / v,
 
 so the exact network output E[F* | x_g] and its divergence are closed-form for every
-parameterization (written here from the SPEC 3 targets, not through the library).
+parameterization (written here from the targets of docs/design.md, not through the library).
 """
 
 import math
@@ -34,7 +35,7 @@ def x64():
 
 
 def _alpha_sigma(name, gamma):
-  """From the SPEC 2 table in numpy float64."""
+  """From the schedule table of docs/design.md in numpy float64."""
   gamma = np.asarray(gamma, np.float64)
   if name == "VP":
     return np.sqrt(1 / (1 + np.exp(gamma))), np.sqrt(1 / (1 + np.exp(-gamma)))
@@ -116,7 +117,8 @@ def test_first_order_loss_of_exact_model_is_i_mmse(kind, name, importance, x64):
   alpha, sigma = _alpha_sigma(name, np.asarray(gamma)[:, None])
   x_g = alpha * x + sigma * eps
   f, _ = _gaussian_model(kind, name, x_g, alpha, sigma, mu, s)
-  # SPEC 4 weights per unit of 1 / p(gamma): eps 0.5, velocity VP 0.5 alpha^2, SP alpha^2
+  # docs/design.md (Losses): weights per unit of 1 / p(gamma): eps 0.5, velocity VP 0.5 alpha^2, SP
+  # alpha^2
   spec = {"eps": 0.5, "VP": 0.5 * alpha[:, 0]**2, "SP": alpha[:, 0]**2}
   weight = np.asarray(inv_density) * spec["eps" if kind == "eps" else name]
   # ... which is what the loss uses: 0.5 k^2 / p with k = eps_scale
@@ -139,7 +141,7 @@ def _linear_net(params, x_gamma, gamma, dropout_key, train):
 @pytest.mark.parametrize("name", ["VP", "SP"])
 def test_second_order_loss_term_matches_independent_monte_carlo(name):
   """E of make_loss_fn's second-order term (weight * lambda * e^2 / D, one Rademacher
-  probe) against an independent Monte Carlo of the SPEC 4 formula."""
+  probe) against an independent Monte Carlo of the loss of docs/design.md."""
   levels, lam, n = 17, 0.1, 20000
   gamma_min = default_gamma_min(levels)
   schedule = Schedule(name, gamma_min, 5.0)
@@ -155,7 +157,7 @@ def test_second_order_loss_term_matches_independent_monte_carlo(name):
   _, terms = jax.jit(lambda key: loss_fn(params, batch, key))(jax.random.PRNGKey(0))
   got = np.asarray(terms.second_order, np.float64)
 
-  # independent draw, SPEC 4 written out in numpy
+  # independent draw, the loss of docs/design.md written out in numpy
   rng = np.random.default_rng(1)
   x = ((2 * k_img.reshape(1, -1) + 1) / levels - 1).astype(np.float64)
   gamma = gamma_min + (5.0 - gamma_min) * rng.random(n)
@@ -235,7 +237,8 @@ def test_prior_kl_against_quadrature(name, x64):
 
 
 def _expected_recon(levels, gamma_min, k):
-  """E_eps[-log p(k | z0)] per pixel by Gauss-Hermite quadrature (SPEC 4 logits)."""
+  """E_eps[-log p(k | z0)] per pixel by Gauss-Hermite quadrature (decoder logits of
+  docs/design.md)."""
   c = math.exp(gamma_min / 2)  # sigma_0 / alpha_0 in both schedules
   centres = (2 * np.arange(levels) + 1) / levels - 1
   nodes, weights = np.polynomial.hermite_e.hermegauss(120)

@@ -1,4 +1,5 @@
-"""The augmented probability-flow ODE (SPEC 5) on Gaussian data, where everything is exact.
+"""The augmented probability-flow ODE (docs/design.md, The augmented ODE) on Gaussian data, where
+everything is exact.
 
 Data x ~ N(0, S) with S = Q diag(lam) Q^T (pixels correlated, so Hutchinson is not exact)
 has marginals x_g ~ N(0, V(g)), V = alpha^2 S + sigma^2 I = Q diag(v) Q^T. The linear
@@ -48,7 +49,7 @@ def gaussian_drift(schedule):
 
 
 def _variances_np(schedule, gamma):
-  """The same eigenvalues in float64 numpy, from the SPEC 2 table."""
+  """The same eigenvalues in float64 numpy, from the schedule table of docs/design.md."""
   if schedule.name == "VP":
     alpha2, sigma2 = 1 / (1 + math.exp(gamma)), 1 / (1 + math.exp(-gamma))
   else:

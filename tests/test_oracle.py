@@ -1,9 +1,11 @@
-"""The closed-form oracle of a finite data set (SPEC 6): formulas, then known bounds end to end.
+"""The closed-form oracle of a finite data set (docs/design.md, The oracle): formulas, then known
+bounds end to end.
 
 On N training images the empirical distribution gives P(k) = 1/N, so the `tn` bound must
 come out at log2(N) / D bits/dim, up to the truncation term -log2 erf(tau / sqrt 2) (exact:
 q is the mixture component renormalized to the bin), the N(0, sigma_max^2) prior used
-instead of the exact mixture at gamma_max and the ODE error (SPEC 9: together well under
+instead of the exact mixture at gamma_max and the ODE error (docs/design.md, Numerical facts:
+together well under
 0.01 bits/dim).
 """
 
@@ -189,7 +191,7 @@ def test_held_out_images_are_far_worse(oracle_model, digits_sets):
   bpd, report = oracle_model.bpd(held_out, jax.random.PRNGKey(0), divergence="exact",
                                  rtol=1e-3, atol=1e-3)
   assert np.all(bpd > 10.0), bpd
-  assert report["nfe_mean"] > 100  # stiff off the data (SPEC 9)
+  assert report["nfe_mean"] > 100  # stiff off the data (docs/design.md, Numerical facts)
 
 
 def test_solver_failure_is_reported_not_a_number(oracle_model, digits_sets):

@@ -1,4 +1,5 @@
-"""Parameterizations (SPEC 3) against the forward path's time derivative (jax.jvp)."""
+"""Parameterizations (docs/design.md, Parameterizations) against the forward path's time derivative
+(jax.jvp)."""
 
 import math
 
@@ -54,7 +55,7 @@ def test_velocity_target_is_scaled_path_derivative(velocity):
   x, eps, _, gamma = _data()
   _, dpath = _path_velocity(param.schedule, x, eps, gamma)
   target = param.target(x, eps, gamma)
-  # the ratio dpath / target must be one scalar per example (SPEC: sigma alpha / 2 for
+  # the ratio dpath / target must be one scalar per example (docs/design.md: sigma alpha / 2 for
   # VP, sigma alpha / sqrt 2 for SP)
   alpha, sigma = param.schedule.alpha(gamma), param.schedule.sigma(gamma)
   scale = sigma * alpha / (2.0 if param.schedule.name == "VP" else math.sqrt(2.0))
@@ -90,7 +91,8 @@ def test_eps_error_is_scaled_output_error(param):
 
 
 def test_drift_agrees_with_eps_hat_form(param):
-  """For any F the drift equals the schedule's a x_g + b eps_hat(F) (SPEC 2 table)."""
+  """For any F the drift equals the schedule's a x_g + b eps_hat(F) (schedule table of
+  docs/design.md)."""
   x, eps, f, gamma = _data(4)
   x_gamma = param.schedule.marginal(x, eps, gamma)
   a, b = param.schedule.drift_coefficients(_per_example(gamma, x))
@@ -104,7 +106,7 @@ def test_eps_drift_uses_schedule_coefficients():
     x, _, f, gamma = _data(5)
     a, b = p.schedule.drift_coefficients(_per_example(gamma, x))
     np.testing.assert_allclose(p.drift(f, x, gamma), a * x + b * f, rtol=1e-14)
-    # and explicitly the SPEC table
+    # and explicitly the schedule table of docs/design.md
     sigma = _per_example(p.schedule.sigma(gamma), x)
     lin = -sigma**2 / 2 if name == "VP" else -sigma / 2
     np.testing.assert_allclose(p.drift(f, x, gamma), lin * x + sigma / 2 * f, rtol=1e-12)

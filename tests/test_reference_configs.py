@@ -110,7 +110,8 @@ def test_full_size_parameter_counts(name, expected):
 
 
 def test_cifar10_network_in_the_native_layout():
-  """30,586,243 (SPEC 7) is the CIFAR-10 network in this project's own layout: a bias on
+  """30,586,243 (docs/reproducing.md, The official setup) is the CIFAR-10 network in this project's
+  own layout: a bias on
   each of the 67 ResNet time projections (+67 x 128) and no conditioning row in dense0
   (-512). The official layout has 30,578,179."""
   config = _config("cifar10_velocity", cond_input="onehot", time_proj="dense",

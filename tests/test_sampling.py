@@ -15,7 +15,8 @@ from diffode_jax.sampling import flow, image_grid, to_integers
 
 def _perturbed(components, scale):
   """Init params plus Gaussian noise: the zero-initialized output layer makes a fresh drift
-  trivial (SPEC 9), a small perturbation gives a smooth non-trivial one. The noise is
+  trivial (docs/design.md, Numerical facts), a small perturbation gives a smooth non-trivial one.
+  The noise is
   numpy's, so no random-number kernel has to compile for each parameter shape."""
   rng = np.random.default_rng(1)
   params = components.init_params(jax.random.PRNGKey(0))

@@ -1,4 +1,5 @@
-"""Schedules (SPEC 2) against closed forms, autodiff and the Gaussian probability flow."""
+"""Schedules (docs/design.md, Schedules) against closed forms, autodiff and the Gaussian
+probability flow."""
 
 import math
 

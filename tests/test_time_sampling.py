@@ -1,4 +1,4 @@
-"""Time sampling (SPEC 4) against numerical integration and Monte Carlo."""
+"""Time sampling (docs/design.md, Time sampling) against numerical integration and Monte Carlo."""
 
 import math
 
@@ -18,7 +18,8 @@ U_GRID = np.concatenate([[0.0, 1e-6, 1e-3], np.linspace(0.01, 0.99, 25), [0.999,
 
 
 def _alpha2_np(name, g):
-  """alpha(g)^2 in float64 numpy, written from the SPEC table (not the library)."""
+  """alpha(g)^2 in float64 numpy, written from the schedule table of docs/design.md (not the
+  library)."""
   if name == "VP":
     return 1.0 / (1.0 + math.exp(g))
   return 1.0 / (1.0 + math.exp(g / 2.0)) ** 2
@@ -58,7 +59,7 @@ def test_normalizer_matches_quadrature(name):
   with jax.enable_x64(True):
     assert float(alpha2_integral(Schedule(name, GAMMA_MIN, GAMMA_MAX))) == pytest.approx(
         total, rel=1e-12)
-  if name == "VP":  # SPEC's closed form
+  if name == "VP":  # the closed form of docs/design.md
     assert total == pytest.approx(
         math.log((1 + math.exp(-GAMMA_MIN)) / (1 + math.exp(-GAMMA_MAX))), rel=1e-12)
 
@@ -174,7 +175,8 @@ def _toy_net(params, x_gamma, gamma, dropout_key, train):
 def _expected_diffusion(name, x, w, b, gamma_min):
   """Exact E over (gamma, eps) of the first-order loss of _toy_net, by quadrature.
 
-  F* - F = c_eps eps - (c_x x + b sin g) with c_eps, c_x from SPEC 3; the likelihood
+  F* - F = c_eps eps - (c_x x + b sin g) with c_eps, c_x from docs/design.md, Parameterizations;
+  the likelihood
   weight is 0.5 * k(g)^2 with k = alpha (VP) or sqrt(2) alpha (SP)."""
   dim = x.size
 

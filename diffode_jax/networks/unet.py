@@ -1,4 +1,4 @@
-"""The VDM-style U-Net without downsampling (SPEC 7).
+"""The VDM-style U-Net without downsampling (docs/design.md, Architecture).
 
 The network knows nothing of diffusion: it maps an image x of shape (B, H, W, C) and a
 per-example noise level gamma of shape (B,) (or a scalar) to a raw output of x's shape.

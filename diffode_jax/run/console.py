@@ -18,7 +18,8 @@ def progress(total: int, initial: int, desc: str):
 
 
 class StopSignal:
-  """Turns SIGTERM and SIGINT (Ctrl-C) into a request to save and stop at the next step.
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a request to save and stop after the step in
+  progress (with several processes at the next log step: docs/guarantees.md).
 
   A second Ctrl-C stops at once (KeyboardInterrupt), without saving.
   """

@@ -1,4 +1,4 @@
-"""The training loop (SPEC 4 objectives, SPEC 8 workdir): train or resume, log, checkpoint,
+"""The training loop (objectives and workdir: docs/design.md): train or resume, log, checkpoint,
 and, every ``training.eval_every`` steps, the test bits/dim of the EMA params."""
 
 from __future__ import annotations
