@@ -159,10 +159,24 @@ class Checkpointer:
     except Exception as e:  # OSError, or orbax / tensorstore wrapping one
       self.failed = True
       raise CheckpointError(f"cannot write checkpoint step {step} to {self.directory}: "
-                            f"{_os_error(e)}; the previous checkpoints are intact") from None
+                            f"{_os_error(e)}; {self._what_is_left(step)}") from None
     if loss is not None:
       self.losses[int(step)] = float(loss)
     self._prune()
+
+  def _what_is_left(self, failed_step: int) -> str:
+    """What a failed save leaves, as found on disk now (not as listed before)."""
+    try:
+      if not storage.exists(self.directory):
+        return ("the checkpoints folder itself is gone (deleted during the run?): no "
+                "checkpoint is left")
+      names = storage.listdir(self.directory)
+    except OSError:
+      return "the checkpoints folder cannot be listed"
+    steps = sorted(int(n) for n in names if n.isdigit() and int(n) != int(failed_step))
+    if not steps:
+      return "no earlier checkpoint is left"
+    return f"the earlier checkpoints on disk are steps {steps}; rerun to resume from the newest"
 
   def _prune(self):
     steps = self.all_steps()

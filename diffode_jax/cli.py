@@ -26,7 +26,7 @@ def dispatch(config, workdir: str, mode: str, explicit=None, *,
       if row.get("nothing_to_do"):
         print(f"nothing to train: {workdir} is at step {row['step']} already "
               f"(training.num_steps)")
-      elif row:
+      elif row and "loss" in row:  # (a run stopped before its first step has none)
         print(json.dumps({"step": row["step"], "loss_bpd": row["loss"],
                           "sde_bpd": row["sde_bpd"]}))
     elif mode == "eval_bpd":

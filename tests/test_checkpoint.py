@@ -98,3 +98,30 @@ def test_restore_for_eval_without_checkpoints_says_train_first(tiny_config, tmp_
     restore_for_eval(finalize_config(tiny_config), str(tmp_path / "nothing"))
   assert not (tmp_path / "nothing").exists()
   assert checkpoint.CheckpointError is CheckpointError
+
+
+@pytest.mark.parametrize("delete_folder", [False, True])
+def test_a_failed_save_says_what_is_left_on_disk(tmp_path, monkeypatch, delete_folder):
+  """The error of a failed save names the checkpoints that exist now, not the ones listed
+  before: a folder deleted during the run leaves none, and the message says so."""
+  import shutil
+
+  directory = str(tmp_path / "checkpoints")
+  ckpt = Checkpointer(directory, keep=3, owner=True)
+  ckpt.save(1, _state(1.0))
+  ckpt.save(2, _state(2.0))
+
+  def failing_save(*args, **kwargs):
+    if delete_folder:
+      shutil.rmtree(directory)
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(ckpt.manager, "save", failing_save)
+  with pytest.raises(CheckpointError) as err:
+    ckpt.save(3, _state(3.0))
+  message = str(err.value)
+  if delete_folder:
+    assert "folder itself is gone" in message and "intact" not in message
+  else:
+    assert "earlier checkpoints on disk are steps [1, 2]" in message
+  assert "No space left on device" in message

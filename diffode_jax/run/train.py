@@ -44,6 +44,14 @@ def train(config, workdir: str, explicit=None) -> dict:
   One training run per workdir (``run/lock.py``); the divergence guard (``run/guard.py``)
   stops a run whose loss leaves its running level, before saving it.
   """
+  stop = StopSignal()  # from the start: a SIGTERM during start-up is a request to stop too
+  try:
+    return _train(config, workdir, explicit, stop)
+  finally:
+    stop.restore()
+
+
+def _train(config, workdir, explicit, stop) -> dict:
   config = finalize_config(config)
   if config.model.arch == "oracle":
     raise ConfigError("model.arch='oracle' is closed-form and has nothing to train; "
@@ -64,20 +72,25 @@ def train(config, workdir: str, explicit=None) -> dict:
   lock = WorkdirLock(storage.join(workdir, ".train.lock"), "train", enabled=is_chief)
   acquire_on_chief(lock)
   try:
-    return _train_locked(config, workdir, components, train_data, lock)
+    return _train_locked(config, workdir, components, train_data, lock, stop)
   finally:
     lock.release()
 
 
-def _train_locked(config, workdir, components, train_data, lock) -> dict:
+def _stop_before_first_step(stop) -> bool:
+  """Whether a stop was requested on any process before the first step (all agree)."""
+  if jax.process_count() == 1:
+    return stop.requested
+  return parallel.on_any_process(stop.requested)
+
+
+def _train_locked(config, workdir, components, train_data, lock, stop) -> dict:
   t = config.training
   mesh = parallel.make_mesh()
   replicated = parallel.replicated_sharding(mesh)
   optimizer = make_optimizer(t)
   accum = int(t.grad_accum_steps)
   total = int(t.num_steps) * accum
-  is_chief = jax.process_index() == 0
-  periodic_eval = make_periodic_eval(config, components) if t.eval_every and is_chief else None
 
   state, resumed = restore_or_init(config, workdir, components, optimizer, replicated)
   step = int(state.step)
@@ -89,8 +102,39 @@ def _train_locked(config, workdir, components, train_data, lock) -> dict:
     logging.warning("the latest checkpoint is at training.num_steps=%d already", t.num_steps)
     return {"step": step, "nothing_to_do": True}
   parallel.sync("diffode_jax: checkpoints read")  # before any process creates checkpoints/
+  if _stop_before_first_step(stop):
+    return _stopped_at_start(step)
+  # Until this run saves a checkpoint, what it creates is removed again if it fails or is
+  # stopped: a failed start leaves the workdir as it was.
+  created = workdir_lib.NewEntries(workdir, (paths.config_path(workdir),
+                                             paths.checkpoint_dir(workdir),
+                                             paths.metrics_path(workdir),
+                                             paths.tensorboard_dir(workdir)),
+                                    restore=(paths.config_path(workdir),))
+  try:
+    return _run_steps(config, workdir, components, train_data, lock, stop, state, resumed,
+                      step, total, created, mesh, optimizer)
+  except BaseException:
+    if not created.kept:
+      created.remove()
+    raise
+
+
+def _stopped_at_start(step) -> dict:
+  message = (f"stopped by signal before the first step (at step {step}); nothing was "
+             f"trained, so nothing was saved")
+  logging.warning(message)
+  print(message, file=sys.stderr)
+  return {"step": step, "stopped_at_start": True}
+
+
+def _run_steps(config, workdir, components, train_data, lock, stop, state, resumed, step,
+               total, created, mesh, optimizer) -> dict:
+  t = config.training
+  replicated = parallel.replicated_sharding(mesh)
+  is_chief = jax.process_index() == 0
+  periodic_eval = make_periodic_eval(config, components) if t.eval_every and is_chief else None
   workdir_lib.ensure(workdir, subdirs=("checkpoints",))
-  lock.keep_directories()
   history = workdir_lib.logged_losses(workdir, step) if resumed else {}
   ckpt = Checkpointer(paths.checkpoint_dir(workdir), keep=t.keep_checkpoints, owner=True,
                       losses=_losses_at_checkpoints(history, workdir))
@@ -108,7 +152,6 @@ def _train_locked(config, workdir, components, train_data, lock) -> dict:
   train_key = keys.root_key(config, "train")
   lr_schedule = learning_rate_schedule(t)
   writer = workdir_lib.MetricsWriter(workdir, bool(t.tensorboard)) if is_chief else None
-  stop = StopSignal()
   last_saved = step if resumed else None
   last_loss = history.get(step) if resumed else None
   pending, last_row = [], {}
@@ -161,6 +204,9 @@ def _train_locked(config, workdir, components, train_data, lock) -> dict:
           writer.flush()
         ckpt.save(step, state, loss=last_loss)
         last_saved = step
+        if not created.kept:  # from now on the run's files are its results
+          created.keep()
+          lock.keep_directories()
         if stopping:
           logging.warning("stopped by signal at step %d after saving a checkpoint", step)
           print(f"stopped by signal at step {step} after saving a checkpoint",
@@ -168,7 +214,6 @@ def _train_locked(config, workdir, components, train_data, lock) -> dict:
           break
   finally:
     bar.close()
-    stop.restore()
     ckpt.close()
     if writer:
       writer.close()

@@ -61,6 +61,46 @@ def ensure(workdir: str, subdirs=()) -> None:
       raise WorkdirError(f"{directory!r} is not writable: {storage.describe(e)}") from None
 
 
+class NewEntries:
+  """Which of ``entries`` (files or folders of a workdir) did not exist when a run started,
+  so that a run that fails or stops before it saves anything can remove what it created
+  and put back the small files it rewrites (``restore``: e.g. config.json of a resumed
+  run) with ``remove``, leaving the workdir as it was. ``keep()`` once the run has results."""
+
+  def __init__(self, workdir: str, entries, restore=()):
+    self.kept = jax.process_index() != 0  # process 0 alone writes these
+    self.new = [] if self.kept else [e for e in entries if not storage.exists(e)]
+    self.saved = {} if self.kept else {p: storage.read_bytes(p) for p in restore
+                                       if storage.isfile(p)}
+
+  def keep(self) -> None:
+    self.kept = True
+
+  def remove(self) -> None:
+    for entry in self.new:
+      try:
+        if storage.isfile(entry):
+          storage.remove(entry)
+        elif storage.exists(entry):
+          for name in storage.walk_files(entry):
+            storage.remove(storage.join(entry, name))
+          _remove_empty_dirs(entry)
+      except OSError:  # best effort: the error that ended the run is what matters
+        pass
+    for p, data in self.saved.items():
+      try:
+        storage.write_bytes(p, data)
+      except OSError:
+        pass
+
+
+def _remove_empty_dirs(root: str) -> None:
+  if storage.is_remote(root) or not os.path.isdir(root):
+    return
+  for here, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+    os.rmdir(here)
+
+
 def saved_config(workdir: str):
   """The workdir's finalized config.json, or None if it has none.
 
