@@ -211,7 +211,9 @@ FIELDS = {
     "sample.num_samples": Int(1),
     "sample.batch_size": Int(1),
     "sample.decode": Choice(DECODES),
-    "sample.solver": Choice(tuple(s for s in SOLVERS if s != "scipy_rk45")),
+    "sample.solver": Choice(tuple(s for s in SOLVERS if s != "scipy_rk45"),
+                            hint="sampling solves on device; scipy_rk45 is the evaluator's "
+                                 "host loop"),
     "sample.rtol": POSITIVE,
     "sample.atol": POSITIVE,
     "sample.max_steps": Int(1),

@@ -19,6 +19,7 @@ from diffode_jax import data as data_lib
 from diffode_jax import keys, parallel, paths, storage
 from diffode_jax.checkpoint import restore_for_eval
 from diffode_jax.config import sample_settings
+from diffode_jax.errors import WorkdirError
 from diffode_jax.report import devices_fields, model_fields
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.evaluate import model_config
@@ -30,8 +31,6 @@ def sample(config, workdir: str, explicit=None) -> str:
 
   Returns the path of grid.png. NFE per batch goes to samples.npz and sample.json.
   """
-  from PIL import Image  # a dependency for the PNG grid only
-
   config = model_config(config, workdir, explicit)
   s = config.sample
   mesh = parallel.make_mesh()
@@ -50,23 +49,39 @@ def sample(config, workdir: str, explicit=None) -> str:
 
   out_dir = paths.samples_dir(workdir)
   grid_path = storage.join(out_dir, "grid.png")
+  error = None
   if jax.process_index() == 0:
-    storage.makedirs(out_dir)
-    grid = image_grid(images, components.num_levels)
-    png = io.BytesIO()
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png, format="PNG")
-    storage.write_bytes(grid_path, png.getvalue())
-    npz = io.BytesIO()
-    np.savez(npz, images=images, nfe=np.asarray(nfes), num_levels=components.num_levels)
-    storage.write_bytes(storage.join(out_dir, "samples.npz"), npz.getvalue())
-    workdir_lib.write_json(storage.join(out_dir, "sample.json"), {
-        "checkpoint_step": ckpt_step, **model_fields(config), "num_samples": len(images),
-        "decode": settings.decode, "solver": settings.solver.solver,
-        "rtol": settings.solver.rtol, "atol": settings.solver.atol,
-        "precision": settings.precision, **devices_fields(mesh.size, jax.process_count()),
-        "nfe_mean": float(np.mean(nfes)), "wall_time_s": wall,
-        **({"damaged_checkpoints": sorted(damaged)} if damaged else {})})
-    logging.info("wrote %d samples to %s (NFE %.0f per batch)", len(images), out_dir,
-                 np.mean(nfes))
+    try:
+      _write(out_dir, grid_path, images, nfes, components, config, ckpt_step, settings,
+             mesh, wall, damaged)
+    except OSError as err:  # a full disk or a read-only workdir
+      error = WorkdirError(f"cannot write the samples to {out_dir}: "
+                           f"{storage.describe(err)}; rerun when it can be written (the "
+                           f"draw is the same)")
+  if parallel.on_any_process(error is not None):  # every process stops, none waits
+    raise error or WorkdirError(f"process 0 could not write the samples to {out_dir}")
   parallel.sync("diffode_jax: samples written")
   return grid_path
+
+
+def _write(out_dir, grid_path, images, nfes, components, config, ckpt_step, settings, mesh,
+           wall, damaged) -> None:
+  from PIL import Image  # a dependency for the PNG grid only
+
+  storage.makedirs(out_dir)
+  grid = image_grid(images, components.num_levels)
+  png = io.BytesIO()
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png, format="PNG")
+  storage.write_bytes(grid_path, png.getvalue())
+  npz = io.BytesIO()
+  np.savez(npz, images=images, nfe=np.asarray(nfes), num_levels=components.num_levels)
+  storage.write_bytes(storage.join(out_dir, "samples.npz"), npz.getvalue())
+  workdir_lib.write_json(storage.join(out_dir, "sample.json"), {
+      "checkpoint_step": ckpt_step, **model_fields(config), "num_samples": len(images),
+      "decode": settings.decode, "solver": settings.solver.solver,
+      "rtol": settings.solver.rtol, "atol": settings.solver.atol,
+      "precision": settings.precision, **devices_fields(mesh.size, jax.process_count()),
+      "nfe_mean": float(np.mean(nfes)), "wall_time_s": wall,
+      **({"damaged_checkpoints": sorted(damaged)} if damaged else {})})
+  logging.info("wrote %d samples to %s (NFE %.0f per batch)", len(images), out_dir,
+               np.mean(nfes))
