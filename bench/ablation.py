@@ -4,6 +4,7 @@
     python bench/ablation.py --quick         # reduced budget, minutes
     python bench/ablation.py --budget=long   # the best digits setting at 4x the steps, ~1 h
     python bench/ablation.py --paired        # per-image values for the paired differences
+                                             # (of the --settings given, else of all)
     python bench/ablation.py --budget=long --datasets=photo_patches   # issue 16, hours
 
 Every setting trains the same network with the same steps, batch and seed
@@ -314,7 +315,7 @@ def run_setting(dataset, setting, budget, runs_dir, test_images, k8_images):
 
 
 def add_per_image(dataset, per, budget, suffix, runs_dir, train_images, test_images,
-                  k8_images):
+                  k8_images, only=None):
   """Per-image values of the final models' tn and u bounds (with their ELBO and NFE) and of
   the Gaussian mixture, where the cached results lack them: evaluated again on the saved
   runs (same images and keys, so the means do not change) for the paired differences."""
@@ -323,7 +324,7 @@ def add_per_image(dataset, per, budget, suffix, runs_dir, train_images, test_ima
     gmm["per_image"] = gmm_bits(train_images, test_images)[0].tolist()
     save_dataset(dataset, per, budget, suffix)
   for setting, res in per.items():
-    if setting == "baselines":
+    if setting == "baselines" or (only and setting not in only):
       continue
     workdir = os.path.join(runs_dir, dataset, _slug(setting))
     wanted = [e for e in (("tn", 1, "test"), ("u", 1, "test")) if e in budget["evals"]]
@@ -702,7 +703,7 @@ def main():
       save_dataset(dataset, per, budget, suffix)
     if args.paired:
       add_per_image(dataset, per, budget, suffix, runs_dir, train_images, test_images,
-                    k8_images)
+                    k8_images, only=chosen)
     save_dataset(dataset, per, budget, suffix)
   write_table(budgets, suffix)
 

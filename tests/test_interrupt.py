@@ -8,13 +8,14 @@ import time
 import pytest
 
 import procs
+from diffode_jax.run import workdir as _workdir_lib  # noqa: F401 (imported before the race)
 
 
 @pytest.mark.subprocess
 def test_ctrl_c_during_eval_bpd_is_one_line_and_resumable(tmp_path):
   workdir = tmp_path / "run"
   procs.check_ok(*_rc_err(procs.run(workdir, *procs.overrides(training__num_steps=2))))
-  flags = procs.overrides(eval__batch_size=8, eval__num_images=64, eval__rtol=1e-5,
+  flags = procs.overrides(eval__batch_size=8, eval__num_images=256, eval__rtol=1e-5,
                           eval__atol=1e-5)
   proc = procs.start(workdir, *flags, mode="eval_bpd")
   deadline = time.monotonic() + 180
