@@ -72,16 +72,16 @@ def _fail(message: str):
 
 def init_distributed():
   """jax.distributed.initialize from the flags or the environment; no-op for one process."""
-  explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  distributed_flags = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
   auto = FLAGS.distributed or os.environ.get("DIFFODE_DISTRIBUTED", "") not in ("", "0")
-  if not auto and all(v is None for v in explicit):
+  if not auto and all(v is None for v in distributed_flags):
     return
   import jax
 
   # Cross-process collectives of the CPU backend (tests, CPU clusters); other backends
   # ignore this setting.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if any(v is None for v in explicit) and not auto:
+  if any(v is None for v in distributed_flags) and not auto:
     _fail("a multi-process run needs all of --coordinator_address, --num_processes and "
           "--process_id (or --distributed)")
   try:
@@ -89,7 +89,8 @@ def init_distributed():
                                num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
   except (RuntimeError, ValueError) as e:  # no cluster found, coordinator unreachable
-    _fail(f"jax.distributed.initialize failed: {' '.join(str(e).split())[:300]}")
+    from diffode_jax.errors import first_line
+    _fail(f"jax.distributed.initialize failed: {first_line(e)}")
 
 
 def main(argv):
@@ -99,8 +100,8 @@ def main(argv):
 
   # The fields set on the command line: a workdir's config.json supplies the rest of
   # what defines its model (and may not be contradicted by them).
-  explicit = set(config_flags.get_override_values(FLAGS["config"]))
-  status = cli.dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode, explicit,
+  command_line_fields = set(config_flags.get_override_values(FLAGS["config"]))
+  status = cli.dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode, command_line_fields,
                         official_checkpoint=FLAGS.official_checkpoint)
   if status:
     # After a user error, exit at once: orbax / asyncio threads left behind would wait

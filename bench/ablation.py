@@ -85,7 +85,7 @@ SETTINGS = {
     "velocity, uniform t": {"training.importance_sampling": False},
     "velocity, IS": {},
     "velocity, IS, SP": {"model.schedule": "SP"},
-    "velocity, IS, train u-deq": {"training.dequantization": "uniform"},
+    "velocity, IS, train u-deq": {"training.dequantization": "u"},
     "velocity, IS + 2nd order": {"model.second_order": True},  # fine-tunes "velocity, IS"
     # The control of the fine-tune: the same extra steps with the first-order loss.
     "velocity, IS + 1st order": {},
@@ -135,8 +135,8 @@ LONG_SETTINGS = {
 }
 
 
-def network_layout(dataset):
-  return provenance.layout(DATASETS[dataset]().model)
+def network_fields(dataset):
+  return provenance.network(DATASETS[dataset]().model)
 
 
 def _eval_name(deq, k, subset):
@@ -350,7 +350,7 @@ def load_cached(dataset, budget, suffix):
   with open(path) as f:
     saved = json.load(f)
   same = (_training_budget(saved.get("budget", {})) == _training_budget(budget)
-          and saved.get("network") == network_layout(dataset))
+          and saved.get("network") == network_fields(dataset))
   return saved["results"] if same else {}
 
 
@@ -374,7 +374,7 @@ def save_dataset(dataset, per, budget, suffix):
     per.update(merged)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-      json.dump({"budget": budget, "network": network_layout(dataset), "results": merged},
+      json.dump({"budget": budget, "network": network_fields(dataset), "results": merged},
                 f, indent=2)
     os.replace(tmp, path)
   _plot(dataset, merged, os.path.join(RESULTS, f"convergence_{dataset}{suffix}.png"))
@@ -394,7 +394,7 @@ def write_table(budgets, suffix):
     per = cached[dataset]
     if not per:
       continue
-    layout = ", ".join(f"{k} {v}" for k, v in network_layout(dataset).items())
+    layout = ", ".join(f"{k} {v}" for k, v in network_fields(dataset).items())
     commits = sorted({r["commit"] for n, r in per.items() if n != "baselines" and "commit" in r})
     lines.append(f"- {dataset}: {budget['steps']} steps; {budget['test_images']} test images"
                  + (f", K = 8 on a subset of {budget['k8_images']}"

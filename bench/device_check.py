@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 
 from configs import cifar10_velocity  # noqa: E402
 from diffode_jax import parallel  # noqa: E402
-from diffode_jax.likelihood import bits_per_dim, make_log_prob_fn, place_batch  # noqa: E402
+from diffode_jax.likelihood import bits_per_dim, make_log_prob_fn  # noqa: E402
+from diffode_jax.placement import place_batch  # noqa: E402
 from diffode_jax.config import eval_settings, finalize_config  # noqa: E402
 from diffode_jax.model import build, count_params  # noqa: E402
 from diffode_jax.train_state import (create_train_state, make_optimizer,  # noqa: E402

@@ -76,7 +76,7 @@ def main():
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".json", "w") as f:
     json.dump({"workdir": args.workdir, "step": model.step, "commit": code,
-               "network": provenance.layout(model.config.model), "rows": rows}, f, indent=2)
+               "network": provenance.network(model.config.model), "rows": rows}, f, indent=2)
   with open(args.out + ".md", "w") as f:
     f.write(table)
   print(table)

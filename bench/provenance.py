@@ -9,7 +9,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The network fields a result depends on (a layout whose GroupNorm removes the time input
 # gives other numbers): results files record them and merge only results of one layout.
-LAYOUT_FIELDS = ("channels", "num_groups", "num_blocks", "embed_dim", "attention", "dropout",
+NETWORK_FIELDS = ("channels", "num_groups", "num_blocks", "embed_dim", "attention", "dropout",
                  "fourier_min", "fourier_max", "time_proj", "cond_input")
 
 
@@ -25,9 +25,9 @@ def commit() -> str:
     return "unknown"
 
 
-def layout(model_config) -> dict:
-  """The LAYOUT_FIELDS of a config's ``model`` section."""
-  return {name: model_config[name] for name in LAYOUT_FIELDS}
+def network(model_config) -> dict:
+  """The NETWORK_FIELDS of a config's ``model`` section."""
+  return {name: model_config[name] for name in NETWORK_FIELDS}
 
 
 def describe(model_config) -> str:

@@ -4,7 +4,7 @@ official one (no bias, zero-initialized)? Digits, same network, steps, batch and
     python bench/time_proj.py              # 2 layouts x 2 seeds x 1500 steps: ~30 min, 2 CPU cores
     python bench/time_proj.py --steps=300  # a smoke run
 
-Each run trains configs/digits.py with model.time_proj = dense | zero_no_bias and
+Each run trains configs/digits.py with model.time_proj = with_bias | zero_no_bias and
 evaluates its EMA model on the test digits: the VDM ELBO (sde_bpd, all 360) and the ODE
 bound (tn, K = 1, the first 64). Writes bench/results/time_proj.{json,md}.
 
@@ -36,7 +36,7 @@ from diffode_jax import data as data_lib  # noqa: E402
 from diffode_jax import run  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
-LAYOUTS = ("dense", "zero_no_bias")
+LAYOUTS = ("with_bias", "zero_no_bias")
 
 
 def main():
@@ -78,7 +78,7 @@ def main():
   name = "time_proj" if args.num_groups == 8 else f"time_proj_g{args.num_groups}"
   code = provenance.commit()
   with open(os.path.join(RESULTS, name + ".json"), "w") as f:
-    json.dump({"commit": code, "network": provenance.layout(config.model), "rows": rows}, f,
+    json.dump({"commit": code, "network": provenance.network(config.model), "rows": rows}, f,
               indent=2)
   lines = [f"Digits (configs/digits.py, model.num_groups = {args.num_groups}), {args.steps} "
            f"steps, EMA model; sde_bpd on the 360 test digits, tn (K = 1, dopri5 1e-5) on "

@@ -45,7 +45,7 @@ def get_config():
   model.attention = True  # single-head self-attention in the middle block
   model.block_attention = False  # also after every down and up ResNet block (official cifar10_aug)
   model.cond_input = "onehot"  # onehot: augmentation one-hot added to the time embedding | scalar: official, a flag concatenated before the first dense layer
-  model.time_proj = "dense"  # ResNet blocks' time projection: dense (bias) | zero_no_bias (official)
+  model.time_proj = "with_bias"  # ResNet blocks' time projection: with_bias | zero_no_bias (official)
   model.time_embedding = "native"  # native | official: floating-point order of the sinusoidal frequencies
   model.dropout = 0.1  # dropout rate inside the ResNet blocks
   model.num_groups = 32  # GroupNorm groups (gcd with the channel count is used); keep at

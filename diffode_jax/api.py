@@ -12,7 +12,7 @@
 
 Evaluation settings come from the config's ``eval`` section; change them per call with
 keyword overrides (``dequantization="u"``) or a whole ``dj.EvalSettings`` (``settings=``).
-The evaluation runs the loop of ``--mode=eval_bpd`` (``likelihood.evaluate_batches``): with
+The evaluation runs the loop of ``--mode=eval_bpd`` (``evaluation.evaluate_batches``): with
 ``key = dj.eval_key(model.config)`` and the config's batch size the numbers equal
 eval/per_image.jsonl's. Every call uses all of this process's devices
 (``jax.local_devices()``): each batch is split over them as in ``--mode=eval_bpd``, so
@@ -32,14 +32,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import numpy.typing as npt
+from jax.sharding import Mesh
 
 from diffode_jax import data as data_lib
 from diffode_jax import parallel, paths, storage
-from diffode_jax.checkpoint import restore_for_eval
+from diffode_jax.trained import restore_for_eval
 from diffode_jax.config import (EvalSettings, eval_settings, finalize_config,
                                 read_workdir_config, sample_settings)
 from diffode_jax.errors import ConfigError, DataError, WorkdirError
-from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, make_sde_fn
+from diffode_jax.evaluation import evaluate_batches
+from diffode_jax.likelihood import LogProbFn, make_log_prob_fn, make_sde_fn
 from diffode_jax.model import Components, build
 from diffode_jax.fingerprint import images_fingerprint, params_fingerprint
 from diffode_jax.report import bpd_report, devices_fields, run_fields
@@ -57,9 +60,10 @@ class Model:
   components: Components
   params: Any
   step: int | None = None
-  _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+  _cache: dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
 
-  def eval_settings(self, settings: EvalSettings | None = None, **overrides) -> EvalSettings:
+  def eval_settings(self, settings: EvalSettings | None = None, **overrides: Any
+                    ) -> EvalSettings:
     """The EvalSettings of a call: ``settings`` as given, else config.eval with overrides."""
     if settings is not None:
       if overrides:
@@ -70,7 +74,7 @@ class Model:
       return settings
     return eval_settings(self.config, **overrides)
 
-  def _check(self, images) -> np.ndarray:
+  def _check(self, images: npt.ArrayLike) -> np.ndarray:
     try:
       images = np.asarray(images)
     except (TypeError, ValueError) as err:  # ragged lists, objects numpy cannot stack
@@ -84,20 +88,21 @@ class Model:
     return images
 
   @property
-  def mesh(self):
+  def mesh(self) -> Mesh:
     """The data-parallel mesh of this process's devices that every call uses."""
     if "mesh" not in self._cache:
       self._cache["mesh"] = parallel.local_mesh()
     return self._cache["mesh"]
 
-  def _log_prob_fn(self, settings: EvalSettings):
+  def _log_prob_fn(self, settings: EvalSettings) -> LogProbFn:
     if settings not in self._cache:
       c = self.components
       self._cache[settings] = make_log_prob_fn(c.drift, c.schedule, c.num_levels, settings,
                                                self.mesh)
     return self._cache[settings]
 
-  def _rows(self, images, key, settings: EvalSettings, batch_size: int, with_sde: bool):
+  def _rows(self, images: npt.ArrayLike, key: jax.Array, settings: EvalSettings, batch_size: int,
+            with_sde: bool) -> list[dict[str, Any]]:
     images = self._check(images)
     key = _check_key(key)
     c = self.components
@@ -110,14 +115,15 @@ class Model:
       if sde_key not in self._cache:
         self._cache[sde_key] = make_sde_fn(c.loss_fn, settings, self.mesh)
       sde_fn = self._cache[sde_key]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for batch_rows in evaluate_batches(log_prob, self.params, images, batch_size, key,
                                        settings, c.dim, sde_fn):
       rows.extend(batch_rows)
     return rows
 
-  def bpd(self, images, key: jax.Array, batch_size: int | None = None, *,
-          settings: EvalSettings | None = None, **eval_overrides) -> tuple[np.ndarray, dict]:
+  def bpd(self, images: npt.ArrayLike, key: jax.Array, batch_size: int | None = None, *,
+          settings: EvalSettings | None = None, **eval_overrides: Any
+          ) -> tuple[np.ndarray, dict[str, Any]]:
     """Per-image bits/dim (float64, shape (N,)) and a report with the fields of
     eval/bpd.json.
 
@@ -131,8 +137,9 @@ class Model:
                                   **eval_overrides)
     return np.array([r["bpd"] for r in rows]), report
 
-  def per_image(self, images, key: jax.Array, batch_size: int | None = None, *,
-                settings: EvalSettings | None = None, **eval_overrides) -> tuple[list, dict]:
+  def per_image(self, images: npt.ArrayLike, key: jax.Array, batch_size: int | None = None, *,
+                settings: EvalSettings | None = None, **eval_overrides: Any
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows of eval/per_image.jsonl (one dict per image: index, log_prob, bpd, nfe,
     sde_bpd, ...) and the report of ``bpd``; arguments as bpd. For paired comparisons
     that need more than the ODE bound per image (e.g. the ELBO of the same images)."""
@@ -148,15 +155,15 @@ class Model:
                             images_fingerprint=images_fingerprint(images),
                             **devices_fields(num_devices))
 
-  def log_prob(self, images, key: jax.Array, batch_size: int | None = None, *,
-               settings: EvalSettings | None = None, **eval_overrides) -> np.ndarray:
+  def log_prob(self, images: npt.ArrayLike, key: jax.Array, batch_size: int | None = None, *,
+               settings: EvalSettings | None = None, **eval_overrides: Any) -> np.ndarray:
     """Per-image lower bound on log P(k) in nats (float64, shape (N,)); arguments as bpd."""
     settings = self.eval_settings(settings, **eval_overrides)
     batch_size = _check_count("batch_size", batch_size, self.config.eval.batch_size)
     rows = self._rows(images, key, settings, batch_size, with_sde=False)
     return np.array([r["log_prob"] for r in rows])
 
-  def drift(self, x, gamma: float) -> np.ndarray:
+  def drift(self, x: npt.ArrayLike, gamma: float) -> np.ndarray:
     """The probability-flow drift dx/dgamma (numpy float32, x's shape) of a float batch x
     (B, H, W, C) at a scalar gamma, with these params and conditioning zero (the
     untransformed images), no dropout."""
@@ -185,7 +192,7 @@ class Model:
     return images
 
 
-def _check_key(key) -> jax.Array:
+def _check_key(key: Any) -> jax.Array:
   """key as a JAX PRNG key, or a ConfigError saying what a key is."""
   try:
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -201,7 +208,7 @@ def _check_key(key) -> jax.Array:
   return arr
 
 
-def _check_count(name: str, value, default=None) -> int:
+def _check_count(name: str, value: Any, default: int | None = None) -> int:
   """A positive int argument (``default`` where value is None), or a ConfigError."""
   if value is None and default is not None:
     value = default
@@ -211,7 +218,7 @@ def _check_count(name: str, value, default=None) -> int:
   return int(value)
 
 
-def evaluations(workdir: str) -> dict:
+def evaluations(workdir: str) -> dict[str, Any]:
   """Every ``--mode=eval_bpd`` evaluation of a workdir, from eval/index.json:
   ``{"latest": name of the latest finished one, "evaluations": {name: entry}}``, each entry
   with its checkpoint step, split, settings, image count, params fingerprint, ``finished``
@@ -221,7 +228,7 @@ def evaluations(workdir: str) -> dict:
   return paths.read_eval_index(workdir)
 
 
-def read_evaluation(workdir: str, name: str | None = None) -> tuple[dict, list]:
+def read_evaluation(workdir: str, name: str | None = None) -> tuple[dict[str, Any], list[Any]]:
   """(report, per-image rows) of the evaluation ``name`` of a workdir (None: the latest
   finished one). Raises WorkdirError when there is no such (finished) evaluation."""
   index = evaluations(workdir)
@@ -231,9 +238,9 @@ def read_evaluation(workdir: str, name: str | None = None) -> tuple[dict, list]:
     known = sorted(n for n, e in index["evaluations"].items() if e.get("finished"))
     raise WorkdirError(f"{paths.expand(workdir)} has no finished evaluation "
                        f"{name!r}; finished ones: {known or 'none'}")
-  directory = paths.evaluation_dir(paths.expand(workdir), name)
-  report = json.loads(storage.read_text(storage.join(directory, "bpd.json")))
-  rows = storage.read_jsonl(storage.join(directory, "per_image.jsonl"))[1:]
+  workdir = paths.expand(workdir)
+  report = json.loads(storage.read_text(paths.eval_report_path(workdir, name)))
+  rows = storage.read_jsonl(paths.eval_rows_path(workdir, name))[1:]
   return report, rows
 
 
@@ -252,7 +259,7 @@ def load(workdir: str, step: int | None = None) -> Model:
   return Model(config, components, params, ckpt_step)
 
 
-def oracle(train_images, config) -> Model:
+def oracle(train_images: npt.ArrayLike, config: ml_collections.ConfigDict) -> Model:
   """The closed-form model of the integer images train_images (docs/design.md, The oracle) under
   config.
 
@@ -266,4 +273,5 @@ def oracle(train_images, config) -> Model:
     raise DataError(f"training images must be integers, got dtype {train_images.dtype}")
   data_lib.check_images(train_images, config.data, "oracle training images")
   components = build(config, train_images=train_images)
-  return Model(config, components, components.init_params(None), None)
+  # the oracle's init_params ignores its key (its params are the training images)
+  return Model(config, components, components.init_params(None), None)  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ NUM_AUGMENTATIONS = 8
 IDENTITY = 0
 
 
-def transform(k, index: int):
+def transform(k: jax.Array, index: int) -> jax.Array:
   """The symmetry ``index`` applied to a batch (B, H, W, C) with H == W."""
   flip, rotation = divmod(index, 4)
   if flip:
@@ -32,23 +32,23 @@ def transform(k, index: int):
   return jnp.rot90(k, rotation, axes=(1, 2))
 
 
-def one_hot(indices):
+def one_hot(indices: jax.Array) -> jax.Array:
   """Conditioning vector (B, NUM_AUGMENTATIONS) of the symmetry indices (B,)."""
   return jax.nn.one_hot(indices, NUM_AUGMENTATIONS, dtype=jnp.float32)
 
 
-def identity_cond(batch: int):
+def identity_cond(batch: int) -> jax.Array:
   """The conditioning of untransformed images: evaluation and sampling use this."""
   return one_hot(jnp.full((batch,), IDENTITY, jnp.int32))
 
 
-def transformed_flag(cond):
+def transformed_flag(cond: jax.Array) -> jax.Array:
   """The official i-DODE conditioning of a (B, NUM_AUGMENTATIONS) one-hot: 1.0 where the
   image was transformed (any symmetry but the identity), 0.0 where it was not."""
   return 1.0 - cond[:, IDENTITY]
 
 
-def augment(key, k):
+def augment(key: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(transformed batch, cond): one uniformly drawn symmetry per example."""
   if k.shape[1] != k.shape[2]:
     raise ValueError(f"augmentation by quarter turns needs square images, got {k.shape[1:3]}")

@@ -1,7 +1,9 @@
-"""Orbax checkpoints of the training state under ``<workdir>/checkpoints``, and the restore
-logic every mode shares: restore-or-init for training (``restore_or_init``), the params
-of another run for a fine-tune (``load_params``), the EMA params for evaluation
-(``restore_for_eval``).
+"""The checkpoint store: orbax checkpoints of the training state in one directory
+(``<workdir>/checkpoints``): save, restore, list steps, retention, damaged steps.
+
+What a run does with them (restore or initialize, ``training.init_from``, carrying the
+Adam state over) is run policy, in ``run/restore.py``; the EMA params a model is evaluated
+with are read by ``diffode_jax.trained``.
 
 The state is saved as a plain nested dict (``flax.serialization.to_state_dict``), so a
 restore needs only a template of the same structure, and a checkpoint written by a
@@ -21,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import logging as std_logging
-import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -31,18 +34,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from diffode_jax import keys, storage
-from diffode_jax.model import Components, build
-from diffode_jax.networks import check_sees_time
+from diffode_jax import storage
+from diffode_jax.errors import CheckpointError, described, warn
 from diffode_jax.paths import checkpoint_dir
-from diffode_jax.train_state import (TrainState, adam_state_of, create_train_state,
-                                     init_state, with_adam_state)
-from diffode_jax.errors import CheckpointError
 
-__all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "load_params",
-           "resolve_source", "restore_for_eval", "restore_or_init"]
+__all__ = ["CheckpointError", "Checkpointer", "DamagedCheckpoint", "check_shapes",
+           "checkpoint_dir", "committed_steps", "resolve_source"]
+
+PyTree = Any
 
 
+def committed_steps(directory: str) -> list[int]:
+  """The committed steps of a checkpoints directory, oldest first, read from the directory
+  itself (no orbax manager): folders named by an integer (orbax renames a local step into
+  place when it is complete); in a bucket, those that hold orbax's commit_success.txt
+  (written last). [] when the directory does not exist."""
+  if not storage.isdir(directory):
+    return []
+  steps = sorted(int(n) for n in storage.listdir(directory) if n.isdigit())
+  if storage.is_remote(directory):
+    steps = [s for s in steps
+             if storage.exists(storage.join(directory, str(s), "commit_success.txt"))]
+  return steps
 
 
 def resolve_source(source: str) -> tuple[str, int | None]:
@@ -57,7 +70,7 @@ def resolve_source(source: str) -> tuple[str, int | None]:
   return checkpoint_dir(path), None
 
 
-def _abstract(tree, sharding):
+def _abstract(tree: PyTree, sharding: jax.sharding.Sharding | None) -> PyTree:
   """ShapeDtypeStructs of tree's arrays, placed with ``sharding``.
 
   With sharding None, jax arrays keep their placement and anything else (NumPy arrays,
@@ -72,10 +85,6 @@ def _abstract(tree, sharding):
     place = lambda a: a.sharding if isinstance(a, jax.Array) else here
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=place(a)),
                       tree)
-
-
-def _first_line(e: Exception) -> str:
-  return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 # How long a reader waits before reading a step that looked damaged once more.
@@ -143,16 +152,16 @@ class Checkpointer:
     self.manager.close()
     self.manager = self._open()
 
-  def latest_step(self):
+  def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def all_steps(self):
+  def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state, loss: float | None = None) -> None:
+  def save(self, step: int, state: Any, loss: float | None = None) -> None:
     """Saves (all processes call this), waits until the step is committed, then prunes."""
     try:
-      with _quiet_background_failures():
+      with _orbax_quiet(std_logging.CRITICAL, thread_tracebacks=False):
         self.manager.save(int(step),
                           args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
         self.manager.wait_until_finished()
@@ -178,7 +187,7 @@ class Checkpointer:
       return "no earlier checkpoint is left"
     return f"the earlier checkpoints on disk are steps {steps}; rerun to resume from the newest"
 
-  def _prune(self):
+  def _prune(self) -> None:
     steps = self.all_steps()
     keep = set(steps[-self.keep:])
     scored = [s for s in steps if s in self.losses and np.isfinite(self.losses[s])]
@@ -191,10 +200,10 @@ class Checkpointer:
         except FileNotFoundError:  # gone already: that is what the deletion wanted
           pass
 
-  def _exists(self, step) -> bool:
+  def _exists(self, step: int) -> bool:
     return storage.exists(storage.join(self.directory, str(step)))
 
-  def _check_step(self, step):
+  def _check_step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -206,17 +215,12 @@ class Checkpointer:
   def _saved_tree(self, step):
     """The saved array metadata tree of a step (DamagedCheckpoint if unreadable)."""
     path = storage.join(self.directory, str(step), "default")
-    absl_logger = logging.get_absl_logger()
-    level = absl_logger.level
-    absl_logger.setLevel(std_logging.ERROR)  # orbax warns that the step's metadata is one up
     try:
-      with ocp.StandardCheckpointer() as reader:
+      with _orbax_quiet(), ocp.StandardCheckpointer() as reader:
         meta = reader.metadata(path)
     except Exception as e:
       raise DamagedCheckpoint(f"checkpoint {self.directory} step {step} is damaged "
-                              f"(metadata: {type(e).__name__}: {_first_line(e)})") from None
-    finally:
-      absl_logger.setLevel(level)
+                              f"(metadata: {described(e)})") from None
     item = getattr(meta, "item_metadata", meta)
     tree = getattr(item, "tree", item)
     if not tree or not hasattr(tree, "get"):  # orbax could not parse the step's metadata
@@ -232,14 +236,14 @@ class Checkpointer:
       if got is None:
         raise CheckpointError(f"checkpoint {self.directory} step {step} does not match the "
                               f"configured model (it has no {key!r})")
-      _check_shapes(target, got, self.directory, step)
+      check_shapes(target, got, f"checkpoint {self.directory} step {step}")
     try:
       return restore(step)
     except CheckpointError:
       raise
     except Exception as e:
       raise DamagedCheckpoint(f"checkpoint {self.directory} step {step} is damaged "
-                              f"({type(e).__name__}: {_first_line(e)})") from None
+                              f"({described(e)})") from None
 
   def _with_fallback(self, step, fallback, attempt):
     if step is not None or not fallback:
@@ -275,15 +279,15 @@ class Checkpointer:
         self.damaged.append(s)
         moved = _move_aside(self.directory, s) if self.owner else None
         where = f"moved to {moved}" if moved else "left in place"
-        logging.warning("%s; %s, trying the previous step", e, where)
-        print(f"warning: {e}; {where}; restoring the previous step", file=sys.stderr)
+        warn(f"{e}; {where}; restoring the previous step")
     if not self.damaged:
       raise CheckpointError(f"no checkpoint in {self.directory}: every step was deleted "
                             f"while it was read")
     raise CheckpointError(f"every checkpoint in {self.directory} is damaged "
                           f"(steps {self.damaged}); nothing to restore")
 
-  def restore(self, template, step=None, sharding=None, fallback: bool = False):
+  def restore(self, template: Any, step: int | None = None, sharding: Any = None,
+              fallback: bool = False) -> Any:
     """Restores into the structure of ``template`` (latest step when step is None).
 
     ``sharding`` places every array (e.g. replicated over the mesh); None keeps the
@@ -294,13 +298,13 @@ class Checkpointer:
     def attempt(s):
       restored = self._restore_step(s, target, None, lambda s: self.manager.restore(
           s, args=ocp.args.StandardRestore(_abstract(target, sharding))))
-      _check_shapes(target, restored, self.directory, s)
+      check_shapes(target, restored, f"checkpoint {self.directory} step {s}")
       return flax.serialization.from_state_dict(template, restored)
 
     return self._with_fallback(step, fallback, attempt)
 
-  def restore_params(self, params_template, step=None, sharding=None,
-                     fallback: bool = False):
+  def restore_params(self, params_template: Any, step: int | None = None,
+                     sharding: Any = None, fallback: bool = False) -> tuple[Any, Any, int]:
     """(params, ema_params, step) of a checkpoint, without its optimizer state.
 
     For starting a new run from another one (fine-tuning) and for evaluation: the source
@@ -318,66 +322,75 @@ class Checkpointer:
     def attempt(s):
       restored = self._restore_step(s, target, ("params", "ema_params"), restore)
       for key in ("params", "ema_params"):
-        _check_shapes(target, restored[key], self.directory, s)
+        check_shapes(target, restored[key], f"checkpoint {self.directory} step {s}")
       return (flax.serialization.from_state_dict(params_template, restored["params"]),
               flax.serialization.from_state_dict(params_template, restored["ema_params"]),
               s)
 
     return self._with_fallback(step, fallback, attempt)
 
-  def restore_optimizer_state(self, step=None) -> dict:
+  def restore_optimizer_state(self, step: int | None = None) -> dict:
     """The optimizer state of a checkpoint as a plain dict of NumPy arrays, in whatever
     structure the run that saved it used (for ``training.init_from_optimizer``: the
-    caller picks the Adam moments out of it)."""
-    step = self._check_step(step)
-    meta = ocp.CheckpointManager(self.directory,
-                                 options=ocp.CheckpointManagerOptions(create=False),
-                                 item_handlers=ocp.StandardCheckpointHandler())
-    try:
-      tree = meta.item_metadata(step).tree
-    finally:
-      meta.close()
-    if not isinstance(tree, dict) or "opt_state" not in tree:
-      raise CheckpointError(f"checkpoint {self.directory} step {step} holds no optimizer "
-                            "state")
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                            tree["opt_state"])
-    item = {"opt_state": abstract}
-    restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-    return jax.tree.map(np.asarray, restored["opt_state"])
+    caller picks the Adam moments out of it). Read through the same manager and damage
+    handling as every other restore."""
 
-  def close(self):
+    def attempt(s: int) -> dict:
+      tree = self._saved_tree(s)
+      if tree.get("opt_state") is None:
+        raise CheckpointError(f"checkpoint {self.directory} step {s} holds no optimizer "
+                              "state")
+      here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      item = {"opt_state": jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=here),
+          tree["opt_state"])}
+      restored = self._restore_step(s, item["opt_state"], ("opt_state",), lambda s: self.manager.restore(
+          s, args=ocp.args.PyTreeRestore(
+              item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=True)))
+      return jax.tree.map(np.asarray, restored["opt_state"])
+
+    return self._with_fallback(step, False, attempt)
+
+  def close(self) -> None:
     if not self.failed:  # after a failed save orbax's threads may never finish
       self.manager.close()
 
 
 @contextlib.contextmanager
-def _quiet_background_failures():
-  """While saving: orbax's background threads report a failed write with tracebacks (an
-  uncaught thread exception and absl errors); the failure reaches the caller as one
-  CheckpointError instead, so keep them off the console."""
+def _orbax_quiet(level: int = std_logging.ERROR,
+                 thread_tracebacks: bool = True) -> Iterator[None]:
+  """The one place this module changes process-wide state, and only while orbax runs.
+
+  Orbax reports through the absl logger, which is process-wide, and its background save
+  threads report a failed write as an uncaught thread exception (``threading.excepthook``,
+  also process-wide). Neither can be scoped to one call, so for the duration of the call
+  the absl logger drops records below ``level`` and, with ``thread_tracebacks`` False,
+  thread tracebacks are not printed; both are put back afterwards. Why: while reading a
+  step's metadata orbax warns that the metadata is one folder up (a warning about its own
+  layout, not a problem); while saving, a failure reaches the caller as one
+  CheckpointError, so the tracebacks of orbax's threads would only repeat it.
+  """
   absl_logger = logging.get_absl_logger()
-  level, hook = absl_logger.level, threading.excepthook
-  absl_logger.setLevel(std_logging.CRITICAL)
-  threading.excepthook = lambda args: None
+  saved_level, hook = absl_logger.level, threading.excepthook
+  absl_logger.setLevel(level)
+  if not thread_tracebacks:
+    threading.excepthook = lambda args: None
   try:
     yield
   finally:
-    absl_logger.setLevel(level)
+    absl_logger.setLevel(saved_level)
     threading.excepthook = hook
 
 
 def _os_error(e: Exception) -> str:
   """The OS error inside an exception chain, else its first line."""
-  seen = e
+  seen: BaseException | None = e
   while seen is not None:
     if isinstance(seen, OSError) and seen.strerror:
       return f"{seen.strerror}" + (f" ({seen.filename})" if seen.filename else "")
     seen = seen.__cause__ or seen.__context__
-  return f"{type(e).__name__}: {_first_line(e)}"
+  return described(e)
 
 
 def _move_aside(directory: str, step: int) -> str | None:
@@ -397,127 +410,24 @@ def _move_aside(directory: str, step: int) -> str | None:
   return target
 
 
-def _check_shapes(target, restored, directory, step):
-  want = jax.tree_util.tree_flatten_with_path(target)[0]
-  got = jax.tree.leaves(restored)
-  if len(want) != len(got):
-    raise CheckpointError(f"checkpoint {directory} step {step} does not match the "
-                          f"configured model ({len(got)} arrays, expected {len(want)})")
-  for (path, w), g in zip(want, got):
-    shape = tuple(g.shape) if hasattr(g, "shape") else np.shape(g)  # arrays or metadata
+def check_shapes(want: PyTree, got: PyTree, where: str) -> None:
+  """Raises CheckpointError (``<where> does not match the configured model: ...``) unless
+  ``got`` has the arrays of ``want`` with the same shapes, leaf by leaf in pytree order
+  (``got`` may hold arrays or orbax's array metadata: anything with a shape)."""
+  wanted = jax.tree_util.tree_flatten_with_path(want)[0]
+  found = jax.tree_util.tree_flatten_with_path(got)[0]
+  names = {jax.tree_util.keystr(p) for p, _ in wanted}
+  for path, _ in found:
+    if jax.tree_util.keystr(path) not in names:
+      raise CheckpointError(f"{where} does not match the configured model: it has "
+                            f"{jax.tree_util.keystr(path)}, which the model has not")
+  leaves = [g for _, g in found]
+  if len(wanted) != len(leaves):
+    raise CheckpointError(f"{where} does not match the configured model ({len(leaves)} "
+                          f"arrays, expected {len(wanted)})")
+  for (path, w), g in zip(wanted, leaves):
+    shape = tuple(g.shape) if hasattr(g, "shape") else np.shape(g)
     if tuple(np.shape(w)) != shape:
-      raise CheckpointError(
-          f"checkpoint {directory} step {step} does not match the configured model: "
-          f"{jax.tree_util.keystr(path)} has shape {shape}, expected {np.shape(w)}")
-
-
-# ----------------------------------------------------------------------------- restores
-
-
-def restore_or_init(config, workdir: str, components: Components, optimizer,
-                    sharding) -> tuple[TrainState, bool]:
-  """(state, resumed): workdir's latest checkpoint, else training.init_from, else a new state.
-
-  Restores go straight into the abstract shape of the state (nothing is initialized
-  first), so a mismatched checkpoint is reported before any compilation.
-  """
-  abstract = jax.eval_shape(lambda: init_state(config, components, optimizer))
-  directory = checkpoint_dir(workdir)
-  if storage.isdir(directory):
-    ckpt = Checkpointer(directory, create=False, owner=True)  # the caller holds the lock
-    try:
-      if ckpt.latest_step() is not None:
-        state = ckpt.restore(abstract, sharding=sharding, fallback=True)
-        logging.info("resumed from step %d", int(state.step))
-        return state, True
-    finally:
-      ckpt.close()
-  source = config.training.init_from
-  if source:
-    params, ema, step = load_params(source, abstract.params, sharding)
-    adam = (load_adam_state(source, step, abstract.params)
-            if config.training.get("init_from_optimizer") else None)
-    state = jax.jit(lambda p, e, a: _new_state(p, e, a, optimizer),
-                    out_shardings=sharding)(params, ema, adam)
-    logging.info("initialized params and EMA params from %s (step %d)", source, step)
-    return state, False
-  return init_state(config, components, optimizer, sharding), False
-
-
-def load_params(source: str, params_template, sharding=None):
-  """(params, ema_params, step) of a workdir, its checkpoints/, or checkpoints/<step>."""
-  problem = storage.unsupported(source) or storage.check_bucket(source)
-  if problem:
-    raise CheckpointError(f"training.init_from={source!r}: {problem}")
-  directory, step = resolve_source(source)
-  if not storage.isdir(directory):
-    raise CheckpointError(f"training.init_from={source!r}: no checkpoints in {directory}")
-  ckpt = Checkpointer(directory, create=False)
-  try:
-    return ckpt.restore_params(params_template, step, sharding)
-  finally:
-    ckpt.close()
-
-
-def _new_state(params, ema_params, adam, optimizer):
-  state = create_train_state(params, optimizer).replace(ema_params=ema_params)
-  if adam is not None:
-    state = state.replace(opt_state=with_adam_state(state.opt_state, adam))
-  return state
-
-
-def load_adam_state(source: str, step: int, params_template) -> dict:
-  """The Adam moments and counts of a checkpoint (``adam_state_of``), checked against the
-  params; CheckpointError if the checkpoint's optimizer state has none that fit."""
-  directory, _ = resolve_source(source)
-  ckpt = Checkpointer(directory, create=False)
-  try:
-    adam = adam_state_of(ckpt.restore_optimizer_state(step))
-  finally:
-    ckpt.close()
-  shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
-  if adam is None or any(shapes(adam[k]) != shapes(params_template) for k in ("mu", "nu")):
-    raise CheckpointError(f"training.init_from_optimizer: the optimizer state of {source!r} "
-                          f"step {step} holds no Adam moments of the configured model")
-  return adam
-
-
-def restore_ema_params(config, workdir: str, components: Components, step=None,
-                       damaged: list | None = None):
-  """(EMA params, step) of a checkpoint; CheckpointError if there is none or it mismatches.
-
-  With step None the latest intact checkpoint: damaged ones are moved aside (see
-  Checkpointer) and their steps appended to ``damaged`` when given.
-  """
-  directory = checkpoint_dir(workdir)
-  if not storage.isdir(directory):
-    raise CheckpointError(f"no checkpoints in {directory}: train first (--mode=train)")
-  ckpt = Checkpointer(directory, create=False)
-  try:
-    template = jax.eval_shape(components.init_params, keys.root_key(config, "init"))
-    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    _, ema_params, step = ckpt.restore_params(template, step, fallback=True)
-    if damaged is not None:
-      damaged.extend(ckpt.damaged)
-    return ema_params, step
-  finally:
-    ckpt.close()
-
-
-def restore_for_eval(config, workdir: str, step=None, damaged: list | None = None):
-  """(components, params, checkpoint step) of a finalized config, for evaluation/sampling.
-
-  The U-Net restores the EMA params of a checkpoint in workdir (the latest when step is
-  None). The oracle (docs/design.md, The oracle) has no checkpoint: its params are the training
-  split, step
-  is None.
-  """
-  if config.model.arch == "oracle":
-    from diffode_jax import data
-
-    components = build(config, train_images=data.load_split(config.data, "train").images)
-    return components, components.init_params(None), None
-  components = build(config)
-  params, ckpt_step = restore_ema_params(config, workdir, components, step, damaged)
-  check_sees_time(config.model, from_scratch=False)
-  return components, params, ckpt_step
+      raise CheckpointError(f"{where} does not match the configured model: "
+                            f"{jax.tree_util.keystr(path)} has shape {shape}, expected "
+                            f"{tuple(np.shape(w))}")

@@ -12,13 +12,14 @@ import copy
 import dataclasses
 import json
 import math
+from typing import Any
 
 import ml_collections
 
 from diffode_jax import ode, paths, precision, storage
 from diffode_jax.config_fields import ARCHS, FIELDS, check_fields, check_value
 from diffode_jax.data import check_data_config
-from diffode_jax.errors import CheckpointError, ConfigError
+from diffode_jax.errors import CheckpointError, ConfigError, described
 from diffode_jax.likelihood import EvalSettings
 from diffode_jax.networks import check_network_config
 from diffode_jax.parameterization import make_parameterization
@@ -35,12 +36,15 @@ ADDED_FIELDS = {("model", "remat"): False,
                 ("training", "precision"): precision.DEFAULT_TRAIN_PRECISION,
                 ("eval", "precision"): precision.DEFAULT_EVAL_PRECISION,
                 ("eval", "exact_trace_chunk"): None}
+# Values renamed since: a config.json written before holds the old name, read as the new.
+RENAMED_VALUES = {("training", "dequantization"): {"uniform": "u"},
+                  ("model", "time_proj"): {"dense": "with_bias"}}
 
 __all__ = ["ARCHS", "ConfigError", "EvalSettings", "SampleSettings", "eval_settings",
            "finalize_config", "read_workdir_config", "sample_settings"]
 
 
-def finalize_config(config):
+def finalize_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of config with derived fields filled in and the choices validated."""
   config = copy.deepcopy(config)
   check_fields(config)  # every field's own range (config_fields.FIELDS), then the relations
@@ -117,12 +121,14 @@ def _get(config, path):
   return node
 
 
-def reconcile_with_workdir(config, saved, explicit=None, resume: bool = False):
+def reconcile_with_workdir(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict,
+                           command_line_fields: set[str] | None = None,
+                           resume: bool = False) -> ml_collections.ConfigDict:
   """config with the fields that define saved's model (and, resuming, its run) taken from
   ``saved`` (a workdir's finalized config.json).
 
-  ``explicit``: the dotted field names set on the command line (None: every field of
-  ``config`` counts as explicit, as for an in-process call). An explicit field whose value
+  ``command_line_fields``: the dotted field names set on the command line (None: every field of
+  ``config`` counts as set, as for an in-process call). A field set there whose value
   differs from the workdir's raises ConfigError naming the field and both values; a field
   not set explicitly silently takes the workdir's value. With ``data.folder`` unchanged,
   ``data.holdout_fraction`` must match too (another fraction would evaluate training
@@ -142,7 +148,7 @@ def reconcile_with_workdir(config, saved, explicit=None, resume: bool = False):
     if want == got or (isinstance(want, float) and isinstance(got, float)
                        and math.isclose(want, got, rel_tol=1e-12, abs_tol=0.0)):
       continue
-    if explicit is None or path in explicit:
+    if command_line_fields is None or path in command_line_fields:
       what = "resumed training run" if resume else "trained model"
       raise ConfigError(f"{path}={got!r} contradicts the workdir's config.json ({want!r}), "
                         f"which defines the {what}; drop the override or use another "
@@ -155,7 +161,7 @@ def reconcile_with_workdir(config, saved, explicit=None, resume: bool = False):
   return config
 
 
-def eval_settings(config, **overrides) -> EvalSettings:
+def eval_settings(config: ml_collections.ConfigDict, **overrides: Any) -> EvalSettings:
   """EvalSettings from config.eval; overrides accept the EvalSettings and solver fields.
 
   Raises ConfigError for an unknown override or a value that cannot work.
@@ -202,10 +208,13 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     for (section, name), value in ADDED_FIELDS.items():
       if isinstance(raw, dict) and isinstance(raw.get(section), dict):
         raw[section].setdefault(name, value)
+    for (section, name), renamed in RENAMED_VALUES.items():
+      fields = raw.get(section) if isinstance(raw, dict) else None
+      if isinstance(fields, dict) and isinstance(fields.get(name), str):
+        fields[name] = renamed.get(fields[name], fields[name])
     config = ml_collections.ConfigDict(raw)
   except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
-    raise CheckpointError(f"{path} is not a valid config.json ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120]})") from None
+    raise CheckpointError(f"{path} is not a valid config.json ({described(e)})") from None
   try:
     return finalize_config(config)
   except (AttributeError, KeyError) as e:  # a field this version needs is missing

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, TypeAlias
 
 from diffode_jax.data.spec import DATASETS
 from diffode_jax.dequantization import EVAL_DEQUANTIZATIONS, TRAIN_DEQUANTIZATIONS
@@ -26,6 +26,9 @@ from diffode_jax.precision import PRECISIONS
 from diffode_jax.sampling import DECODES
 from diffode_jax.schedules import SCHEDULES
 from diffode_jax.train_state import DECAY_MASKS
+
+if TYPE_CHECKING:
+  import ml_collections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,7 @@ class Number:
   optional: str = ""  # what None means; empty: None is not allowed
   zero: str = ""  # 0 is allowed beside the range, meaning this (e.g. "off")
 
-  def ok(self, v) -> bool:
+  def ok(self, v: Any) -> bool:
     if v is None:
       return bool(self.optional)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -77,7 +80,7 @@ class Choice:
   choices: Sequence[str]
   hint: str = ""  # appended to the error, formatted with the value
 
-  def ok(self, v) -> bool:
+  def ok(self, v: Any) -> bool:
     return isinstance(v, str) and v in self.choices
 
   def describe(self) -> str:
@@ -86,7 +89,7 @@ class Choice:
 
 @dataclasses.dataclass(frozen=True)
 class Flag:
-  def ok(self, v) -> bool:
+  def ok(self, v: Any) -> bool:
     return isinstance(v, bool)
 
   def describe(self) -> str:
@@ -97,22 +100,24 @@ class Flag:
 class Text:
   optional: str = ""
 
-  def ok(self, v) -> bool:
+  def ok(self, v: Any) -> bool:
     return (v is None and bool(self.optional)) or (isinstance(v, str) and v != "")
 
   def describe(self) -> str:
     return "a non-empty string" + (f", or None ({self.optional})" if self.optional else "")
 
 
-def _num(x) -> str:
+def _num(x: float) -> str:
   return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def Int(low=None, high=None, **kw):  # noqa: N802 (reads as a type in the table)
+def Int(low: float | None = None, high: float | None = None,  # noqa: N802 (reads as a type)
+        **kw: Any) -> Number:
   return Number(integer=True, low=low, high=high, **kw)
 
 
-def Real(low=None, high=None, **kw):  # noqa: N802
+def Real(low: float | None = None, high: float | None = None,  # noqa: N802
+         **kw: Any) -> Number:
   return Number(integer=False, low=low, high=high, **kw)
 
 
@@ -123,7 +128,10 @@ POSITIVE = Real(0, low_open=True)
 TOLERANCE = Real(0, 0.1, low_open=True)
 UNIT = Real(0, 1, high_open=True)  # a rate or a moment decay: 1 would never move
 
-FIELDS = {
+# The rule of one field.
+Rule: TypeAlias = Number | Choice | Flag | Text
+
+FIELDS: dict[str, Rule] = {
     "seed": Int(0),
     # data
     "data.dataset": Choice(DATASETS, hint="any tfds image data set: --config.data.dataset=tfds "
@@ -220,7 +228,7 @@ FIELDS = {
 }
 
 
-def _lookup(config, dotted: str):
+def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
   node = config
   for part in dotted.split("."):
     if part not in node:
@@ -243,7 +251,7 @@ def check_value(field: str, value: Any) -> None:
     raise ConfigError(f"{field} must be {rule.describe()}, got {value!r}")
 
 
-def check_fields(config) -> None:
+def check_fields(config: ml_collections.ConfigDict) -> None:
   """Every field of config that FIELDS names, checked against its rule (absent fields are
   skipped: a config written before a field existed gets its default elsewhere)."""
   for field in FIELDS:

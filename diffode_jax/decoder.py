@@ -30,7 +30,7 @@ from diffode_jax.schedules import Schedule
 WINDOW_SIGMAS = 14.0
 
 
-def _scaled_and_width(z0, schedule: Schedule):
+def _scaled_and_width(z0: jax.Array, schedule: Schedule) -> tuple[jax.Array, jax.Array]:
   gamma0 = jnp.asarray(schedule.gamma_min, z0.dtype)
   return z0 / schedule.alpha(gamma0), jnp.exp(gamma0 / 2)
 
@@ -42,7 +42,8 @@ def window_size(schedule: Schedule, num_levels: int) -> int:
   return min(num_levels, 2 * half + 1)
 
 
-def decoder_logits(z0, schedule: Schedule, num_levels: int):
+def decoder_logits(z0: jax.Array, schedule: Schedule,
+                   num_levels: int) -> tuple[jax.Array, jax.Array]:
   """(levels, unnormalized logits) of the bins scored for each pixel, each z0.shape + (n,).
 
   n = window_size(schedule, V); with n = V the levels are 0..V-1 for every pixel.
@@ -59,15 +60,8 @@ def decoder_logits(z0, schedule: Schedule, num_levels: int):
   return levels, -0.5 * ((scaled[..., None] - centres) / width) ** 2
 
 
-def decoder_log_probs(z0, schedule: Schedule, num_levels: int):
-  """log p(j | z_0) for every level j; shape z0.shape + (V,) (no window: small V only)."""
-  scaled, width = _scaled_and_width(z0, schedule)
-  centres = bin_centre(jnp.arange(num_levels), num_levels).astype(z0.dtype)
-  logits = -0.5 * ((scaled[..., None] - centres) / width) ** 2
-  return jax.nn.log_softmax(logits, axis=-1)
-
-
-def decoder_log_likelihood(k, z0, schedule: Schedule, num_levels: int):
+def decoder_log_likelihood(k: jax.Array, z0: jax.Array, schedule: Schedule,
+                           num_levels: int) -> jax.Array:
   """sum over pixels of log p(k | z_0), per example (leading axis)."""
   _, logits = decoder_logits(z0, schedule, num_levels)
   scaled, width = _scaled_and_width(z0, schedule)
@@ -77,14 +71,15 @@ def decoder_log_likelihood(k, z0, schedule: Schedule, num_levels: int):
   return sum_per_example(picked)
 
 
-def decode_argmax(z0, schedule: Schedule, num_levels: int):
+def decode_argmax(z0: jax.Array, schedule: Schedule, num_levels: int) -> jax.Array:
   """The most likely integer image under the decoder, as ``data.level_dtype(V)``."""
   levels, logits = decoder_logits(z0, schedule, num_levels)
   best = jnp.take_along_axis(levels, jnp.argmax(logits, axis=-1)[..., None], axis=-1)
   return best[..., 0].astype(level_dtype(num_levels))
 
 
-def decode_sample(key, z0, schedule: Schedule, num_levels: int):
+def decode_sample(key: jax.Array, z0: jax.Array, schedule: Schedule,
+                  num_levels: int) -> jax.Array:
   """Integer images drawn from the decoder, as ``data.level_dtype(V)``."""
   levels, logits = decoder_logits(z0, schedule, num_levels)
   pick = jax.random.categorical(key, logits, axis=-1)

@@ -35,29 +35,29 @@ from diffode_jax.schedules import Schedule
 
 EVAL_DEQUANTIZATIONS = ("u", "v", "tn")
 DEFAULT_EVAL_DEQUANTIZATION = "tn"  # the library's and configs/default.py's eval default
-TRAIN_DEQUANTIZATIONS = ("none", "uniform", "tn")
+TRAIN_DEQUANTIZATIONS = ("none", "u", "tn")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def uniform_in_bin(key, k, num_levels: int):
+def uniform_in_bin(key: jax.Array, k: jax.Array, num_levels: int) -> jax.Array:
   """x = 2 (k + u) / V - 1 with u ~ U[0, 1): uniform over the bin of k."""
   u = jax.random.uniform(key, k.shape)
   return 2.0 * (k.astype(jnp.float32) + u) / num_levels - 1.0
 
 
-def truncation(schedule: Schedule, num_levels: int):
+def truncation(schedule: Schedule, num_levels: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(alpha_0, sigma_0, tau) at gamma_min; tau = alpha_0 / (sigma_0 V)."""
   c = schedule.coefficients(jnp.asarray(schedule.gamma_min, jnp.float32))
   alpha0, sigma0 = c.alpha, c.sigma
   return alpha0, sigma0, alpha0 / (sigma0 * num_levels)
 
 
-def truncated_normal_log_norm(tau):
+def truncated_normal_log_norm(tau: jax.Array) -> jax.Array:
   """log of the normalizer sqrt(2 pi) * erf(tau / sqrt 2) of a TN on [-tau, tau]."""
   return _HALF_LOG_2PI + jnp.log(erf(tau / math.sqrt(2.0)))
 
 
-def truncated_normal_second_moment(tau):
+def truncated_normal_second_moment(tau: jax.Array) -> jax.Array:
   """E[eps^2] for eps ~ TN(0, 1; [-tau, tau]): 1 - 2 tau phi(tau) / erf(tau / sqrt 2)."""
   phi = jnp.exp(-0.5 * tau**2 - _HALF_LOG_2PI)
   return 1.0 - 2.0 * tau * phi / erf(tau / math.sqrt(2.0))
@@ -67,12 +67,13 @@ def truncated_normal_second_moment(tau):
 class Dequantized:
   """z0: ODE start state; gamma0: its time (static); log_weight: per-example nats."""
 
-  z0: jnp.ndarray
-  log_weight: jnp.ndarray
+  z0: jax.Array
+  log_weight: jax.Array
   gamma0: float = flax.struct.field(pytree_node=False)
 
 
-def dequantize(kind: str, key, k, schedule: Schedule, num_levels: int, gamma_u: float,
+def dequantize(kind: str, key: jax.Array, k: jax.Array, schedule: Schedule, num_levels: int,
+               gamma_u: float | None,
                analytic_entropy: bool = False) -> Dequantized:
   """Evaluation-time dequantization of a uint8/int batch k of shape (B, H, W, C).
 
@@ -82,6 +83,8 @@ def dequantize(kind: str, key, k, schedule: Schedule, num_levels: int, gamma_u: 
   """
   dim = math.prod(k.shape[1:])
   if kind == "u":
+    if gamma_u is None:
+      raise ValueError("dequantization 'u' needs gamma_u (schedules.default_gamma_u(V))")
     g_u = jnp.asarray(gamma_u, jnp.float32)
     alpha_u = schedule.alpha(g_u)
     z0 = alpha_u * uniform_in_bin(key, k, num_levels)
@@ -108,17 +111,18 @@ def dequantize(kind: str, key, k, schedule: Schedule, num_levels: int, gamma_u: 
       f"unknown dequantization {kind!r}; expected one of {EVAL_DEQUANTIZATIONS}")
 
 
-def dequantize_for_training(kind: str, key, k, schedule: Schedule, num_levels: int):
+def dequantize_for_training(kind: str, key: jax.Array, k: jax.Array, schedule: Schedule,
+                            num_levels: int) -> jax.Array:
   """Data x in (-1, 1) that the forward diffusion starts from during training.
 
   * ``none``: the bin centres (the i-DODE default);
-  * ``uniform``: uniform over the bin (as ScoreFlow trained);
+  * ``u``: uniform over the bin (as ScoreFlow trained; the ``u`` of evaluation);
   * ``tn``: centre + (sigma_0 / alpha_0) eps, eps ~ TN(0, 1; [-tau, tau]): the evaluation
     distribution of ``tn`` mapped back to data space; it stays inside the bin.
   """
   if kind == "none":
     return bin_centre(k, num_levels)
-  if kind == "uniform":
+  if kind == "u":
     return uniform_in_bin(key, k, num_levels)
   if kind == "tn":
     alpha0, sigma0, tau = truncation(schedule, num_levels)

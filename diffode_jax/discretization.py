@@ -9,28 +9,34 @@ number of dimensions of one example: the per-example sums of the library
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
 
 from diffode_jax.data import level_dtype
 
+_T = TypeVar("_T", jax.Array, np.ndarray, float)
 
-def bin_centre(k, num_levels: int):
+
+def bin_centre(k: ArrayLike, num_levels: int) -> jax.Array:
   """x = (2k + 1) / V - 1 as float32."""
   return (2.0 * jnp.asarray(k).astype(jnp.float32) + 1.0) / num_levels - 1.0
 
 
-def sum_per_example(a):
+def sum_per_example(a: jax.Array) -> jax.Array:
   """Sum over every axis but the leading (batch) one: shape (B, ...) -> (B,)."""
   return a.reshape(a.shape[0], -1).sum(axis=-1)
 
 
-def nats_to_bpd(nats, dim: int):
+def nats_to_bpd(nats: _T, dim: int) -> _T:
   """Converts a negative log-likelihood in nats per example to bits per dimension."""
   return nats / (dim * math.log(2.0))
 
 
-def to_levels(x, num_levels: int):
+def to_levels(x: jax.Array, num_levels: int) -> jax.Array:
   """Rounds continuous x in [-1, 1] to the nearest level k (the inverse of bin_centre).
 
   The levels have the data's integer type, ``data.level_dtype(V)``.

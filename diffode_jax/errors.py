@@ -40,3 +40,32 @@ class LikelihoodError(DiffodeError, RuntimeError):
 
 class SamplingError(DiffodeError, RuntimeError):
   """Sampling could not produce images (solver failure)."""
+
+
+# How much of another library's error message a one-line DiffodeError quotes.
+QUOTE_LIMIT = 200
+
+
+def first_line(error: BaseException, limit: int = QUOTE_LIMIT, lines: int = 1) -> str:
+  """The first non-empty line of an exception's message (the first ``lines`` of them,
+  joined by a space), at most ``limit`` characters, for quoting it inside a one-line
+  DiffodeError (the type name when the message is empty)."""
+  found = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return " ".join(found[:lines])[:limit] if found else type(error).__name__
+
+
+def described(error: BaseException, limit: int = QUOTE_LIMIT) -> str:
+  """``TypeName: first line`` of an exception."""
+  return f"{type(error).__name__}: {first_line(error, limit)}"
+
+
+def warn(message: str, prefix: str = "warning: ") -> None:
+  """A warning a user should see: printed to stderr as one line (``prefix`` + message),
+  and logged, so that it is in the log of a run whose stderr nobody reads. (The command
+  line sets absl's verbosity to WARNING, but absl's log goes to stderr only at ERROR.)"""
+  import sys
+
+  from absl import logging
+
+  logging.warning("%s", message)
+  print(f"{prefix}{message}", file=sys.stderr)

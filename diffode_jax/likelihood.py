@@ -1,8 +1,9 @@
-"""Bits/dim of integer images under a diffusion ODE (docs/design.md, Bits/dim).
+"""Bits/dim of integer images under a diffusion ODE: the bound of one batch (docs/design.md,
+Bits/dim).
 
-``make_log_prob_fn`` builds the per-batch bound; ``evaluate_batches`` runs it over a data
-set batch by batch (the one evaluation loop, shared by ``run.evaluate`` and the Python
-API) and ``summarize`` turns its rows into the report fields.
+``make_log_prob_fn`` builds the per-batch bound, a ``LogProbFn``; ``make_sde_fn`` the VDM
+ELBO of the same batch. The loop over a data set is ``evaluation.evaluate_batches``; how a
+batch is split over devices, ``placement.py``; the report of the rows, ``report.py``.
 
 Pipeline per batch: dequantize (``dequantization.py``) -> solve the augmented ODE from
 gamma_0 to gamma_max (``ode.py``) -> add the prior log N(x_1; 0, sigma_max^2 I) and the
@@ -17,16 +18,21 @@ and the step-size control's error norm is a reduction over the whole batch: one 
 sequence and one NFE for the batch, as on one device. The noise is drawn inside the
 solve for the batch's global shape (partitionable threefry: the same numbers under any
 sharding). A batch whose size is not a multiple of the device count is padded with
-copies of its last row; the padding rows take no part in the error norm
-(``ode.rows_rms_norm``) and are dropped from the results. On one device nothing of this
-applies and the computation is the one-device program.
+copies of its last row (``placement.place_batch``); the padding rows take no part in the
+error norm (``ode.rows_rms_norm``) and are dropped from the results. On one device
+nothing of this applies and the computation is the one-device program.
+
+Solver backends (``BACKENDS``): the diffrax solvers run on device under ``jax.jit`` and
+can be split over a mesh; ``scipy_rk45`` (the official evaluator's host loop) runs on one
+device, each network evaluation jitted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +44,15 @@ from diffode_jax import precision as precision_lib
 from diffode_jax.dequantization import (DEFAULT_EVAL_DEQUANTIZATION, EVAL_DEQUANTIZATIONS,
                                         dequantize)
 from diffode_jax.discretization import nats_to_bpd
-from diffode_jax.schedules import Schedule
 from diffode_jax.errors import LikelihoodError  # noqa: F401  (re-exported)
+from diffode_jax.schedules import Schedule
 
-# Batch b of ``evaluate_batches`` draws with bkey = fold_in(key, b); its K dequantization
-# samples use fold_in(bkey, i), i = 0..K-1, and its sde_bpd term uses fold_in(bkey,
-# SDE_KEY_INDEX), an index no K reaches, so the two draws never share a key. Its value is
-# part of every reported sde_bpd: keep it.
-SDE_KEY_INDEX = 1 << 20
+PyTree = Any
+# drift(params, x, gamma) -> dx/dgamma of a batch x at a scalar gamma.
+ParamsDrift = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
+# One importance sample of a batch: (params, k, key, num_real) -> (bounds (nats) of the
+# real rows as NumPy, NFE, whether the solver reached gamma_max).
+SampleFn = Callable[[PyTree, jax.Array, jax.Array, "int | None"], "tuple[np.ndarray, int, bool]"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +76,7 @@ class EvalSettings:
   precision: str = precision_lib.DEFAULT_EVAL_PRECISION
   exact_trace_chunk: int | None = None
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.dequantization not in EVAL_DEQUANTIZATIONS:
       raise ValueError(f"unknown dequantization {self.dequantization!r}; expected one of "
                        f"{EVAL_DEQUANTIZATIONS}")
@@ -94,7 +101,9 @@ class EvalSettings:
 
 def start_gamma(settings: EvalSettings, schedule: Schedule) -> float:
   """The gamma at which the ODE starts: gamma_u for ``u``, else gamma_min."""
-  return float(settings.gamma_u if settings.dequantization == "u" else schedule.gamma_min)
+  if settings.dequantization == "u" and settings.gamma_u is not None:  # checked at init
+    return float(settings.gamma_u)
+  return float(schedule.gamma_min)
 
 
 def effective_solver(settings: EvalSettings, schedule: Schedule) -> ode.SolverConfig:
@@ -102,7 +111,7 @@ def effective_solver(settings: EvalSettings, schedule: Schedule) -> ode.SolverCo
   return ode.scaled_tolerances(settings.solver, start_gamma(settings, schedule))
 
 
-def prior_log_density(x1, schedule: Schedule):
+def prior_log_density(x1: jax.Array, schedule: Schedule) -> jax.Array:
   """log N(x_1; 0, sigma_max^2 I) per example, natural log."""
   sigma1 = schedule.sigma(jnp.asarray(schedule.gamma_max, x1.dtype))
   dim = math.prod(x1.shape[1:])
@@ -117,28 +126,142 @@ class Bound:
   """Per-image lower bounds on log P(k) (nats) and solver statistics."""
 
   log_prob: np.ndarray
-  nfe: list
+  nfe: list[int]
   success: bool
 
 
-def _sharded(mesh, settings: EvalSettings) -> bool:
-  """Whether a solve is split over mesh (the scipy host loop always runs on one device)."""
-  return mesh is not None and mesh.size > 1 and settings.solver.solver != "scipy_rk45"
+@dataclasses.dataclass(frozen=True)
+class LogProbFn:
+  """The bound of a batch: ``fn(params, k, key, num_real=None) -> Bound``.
+
+  ``sample`` solves one of the K importance samples; ``solve`` is the jitted solve behind
+  it (params, k, key, num_real) -> (bounds, nfe, ok), for inspecting what it compiles to
+  (None for the host loop); ``mesh`` is the mesh the solves are split over (None on one
+  device); ``settings`` what the bound was built with.
+  """
+  sample: SampleFn
+  settings: EvalSettings
+  mesh: jax.sharding.Mesh | None = None
+  solve: Callable[..., Any] | None = None
+
+  def __call__(self, params: PyTree, k: jax.Array, key: jax.Array,
+               num_real: int | None = None) -> Bound:
+    if num_real is not None and num_real >= k.shape[0]:
+      num_real = None  # nothing padded
+    if self.mesh is None:
+      k = jnp.asarray(k)
+    samples, nfes, success = [], [], True
+    for i in range(self.settings.num_importance):
+      bound, nfe, ok = self.sample(params, k, jax.random.fold_in(key, i), num_real)
+      samples.append(bound if num_real is None else bound[:num_real])
+      nfes.append(nfe)
+      success = success and ok
+    return Bound(logmeanexp(np.stack(samples).astype(np.float64)), nfes, success)
 
 
-def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
-                     settings: EvalSettings, mesh=None):
-  """Returns log_prob(params, k, key, num_real=None) -> Bound for an integer batch k.
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+  """What every backend needs: the drawing of the noise and the end of the bound."""
+  prepare: Callable[[jax.Array, jax.Array], tuple[Any, jax.Array | None]]
+  finish: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+  drift: ParamsDrift
+  schedule: Schedule
+  solver: ode.SolverConfig
+  settings: EvalSettings
+
+
+def _on_host(parts: _Parts, mesh: jax.sharding.Mesh | None) -> LogProbFn:
+  """scipy's RK45 on the host (the official evaluator's loop), each evaluation jitted."""
+  s = parts.settings
+  prepare_jit = jax.jit(precision_lib.traced_with(s.precision, parts.prepare))
+
+  def field(gamma, state, args):  # one function for all solves: compiled once
+    params, probe = args
+    return ode.augmented_vector_field(lambda x, g: parts.drift(params, x, g), probe,
+                                      s.exact_trace_chunk)(gamma, state, None)
+
+  field = precision_lib.traced_with(s.precision, field)
+
+  def sample(params: PyTree, k: jax.Array, key: jax.Array,
+             num_real: int | None) -> tuple[np.ndarray, int, bool]:
+    del num_real  # one device: never padded
+    deq, probe = prepare_jit(k, key)
+    y0 = (deq.z0, jnp.zeros(k.shape[0], jnp.float32))
+    (x1, delta), nfe, ok = ode.solve_scipy(field, y0, deq.gamma0, parts.schedule.gamma_max,
+                                           parts.solver, args=(params, probe))
+    return (np.asarray(parts.finish(jnp.asarray(x1), jnp.asarray(delta), deq.log_weight)),
+            nfe, ok)
+
+  return LogProbFn(sample, s)
+
+
+def _on_device(parts: _Parts, mesh: jax.sharding.Mesh | None) -> LogProbFn:
+  """A diffrax solve under jax.jit, split over ``mesh`` when it has several devices."""
+  s = parts.settings
+  sharded = mesh is not None and mesh.size > 1
+  rows = parallel.batch_sharding(mesh) if mesh is not None and sharded else None
+
+  def solve_one(params, k, key, num_real):
+    deq, probe = parts.prepare(k, key)
+    z0 = deq.z0
+    if rows is not None:  # pin the solve's state to the batch split
+      z0 = jax.lax.with_sharding_constraint(z0, rows)
+      probe = None if probe is None else jax.lax.with_sharding_constraint(probe, rows)
+    field = ode.augmented_vector_field(lambda x, g: parts.drift(params, x, g), probe,
+                                       s.exact_trace_chunk)
+    y0 = (z0, jnp.zeros(k.shape[0], jnp.float32))
+    norm = None if num_real is None else ode.rows_rms_norm(num_real)
+    (x1, delta), nfe, ok = ode.solve_diffrax(field, y0, deq.gamma0, parts.schedule.gamma_max,
+                                             parts.solver, norm)
+    return parts.finish(x1, delta, deq.log_weight), nfe, ok
+
+  solve = jax.jit(precision_lib.traced_with(s.precision, solve_one), static_argnums=3,
+                  out_shardings=(parallel.replicated_sharding(mesh)
+                                 if mesh is not None and sharded else None))
+
+  def sample(params: PyTree, k: jax.Array, key: jax.Array,
+             num_real: int | None) -> tuple[np.ndarray, int, bool]:
+    bound, nfe, ok = solve(params, k, key, num_real)
+    return np.asarray(parallel.local_copy(bound)), int(nfe), bool(ok)
+
+  return LogProbFn(sample, s, mesh if sharded else None, solve)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """How the likelihood ODE of a solver is solved: ``build(parts, mesh)`` makes the
+  LogProbFn; ``shards`` whether it can split a batch over several devices."""
+  build: Callable[[_Parts, "jax.sharding.Mesh | None"], LogProbFn]
+  shards: bool
+
+
+# eval.solver -> backend; a new diffrax solver in ode.py is a new row here.
+BACKENDS: dict[str, Backend] = {
+    "dopri5": Backend(_on_device, shards=True),
+    "tsit5": Backend(_on_device, shards=True),
+    "scipy_rk45": Backend(_on_host, shards=False),
+}
+assert set(BACKENDS) == set(ode.SOLVERS), "every solver of ode.py needs a backend"
+
+
+def is_sharded(mesh: jax.sharding.Mesh | None, settings: EvalSettings) -> bool:
+  """Whether a solve with these settings is split over mesh."""
+  return (mesh is not None and mesh.size > 1
+          and BACKENDS[settings.solver.solver].shards)
+
+
+def make_log_prob_fn(drift: ParamsDrift, schedule: Schedule, num_levels: int,
+                     settings: EvalSettings,
+                     mesh: jax.sharding.Mesh | None = None) -> LogProbFn:
+  """The bound of an integer batch k: ``fn(params, k, key, num_real=None) -> Bound``.
 
   ``drift(params, x, gamma)`` is the probability-flow drift of a batch at scalar gamma.
   Each of the K samples draws its own dequantization noise and divergence probe.
 
   With a ``mesh`` of several devices (see the module docstring) k must be a global batch
-  over it (``place_batch``) whose first ``num_real`` rows are images and the rest
-  padding, and params replicated over it; the bounds of the ``num_real`` rows come back
-  on every process. Without one (or with one device) k is any array on one device.
-  ``log_prob.solve`` is the jitted solve of one sample, (params, k, key, num_real) ->
-  (bounds, nfe, ok), for inspecting what it compiles to.
+  over it (``placement.place_batch``) whose first ``num_real`` rows are images and the
+  rest padding, and params replicated over it; the bounds of the ``num_real`` rows come
+  back on every process. Without one (or with one device) k is any array on one device.
 
   Caveat for K > 1 with a Hutchinson divergence: the importance-weighted bound needs
   unbiased estimates of p, but Hutchinson gives unbiased estimates of log p, so
@@ -147,8 +270,6 @@ def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
   (small images) to check; a warning is logged.
   """
   s = settings
-  solver = effective_solver(s, schedule)
-  sharded = _sharded(mesh, s)
   if s.num_importance > 1 and s.divergence != "exact":
     logging.warning("num_importance=%d with a %s (Hutchinson) divergence: the "
                     "importance-weighted bound can be biased upward by the estimator's "
@@ -165,71 +286,13 @@ def make_log_prob_fn(drift: Callable, schedule: Schedule, num_levels: int,
   def finish(x1, delta, log_weight):
     return prior_log_density(x1, schedule) + delta + log_weight
 
-  chunk = s.exact_trace_chunk
-  if s.solver.solver == "scipy_rk45":
-    prepare_jit = jax.jit(precision_lib.traced_with(s.precision, prepare))
-
-    def field(gamma, state, args):  # one function for all solves: compiled once
-      params, probe = args
-      return ode.augmented_vector_field(lambda x, g: drift(params, x, g), probe, chunk)(
-          gamma, state, None)
-
-    field = precision_lib.traced_with(s.precision, field)
-
-    def one_sample(params, k, key, num_real):
-      del num_real  # one device: never padded
-      deq, probe = prepare_jit(k, key)
-      y0 = (deq.z0, jnp.zeros(k.shape[0], jnp.float32))
-      (x1, delta), nfe, ok = ode.solve_scipy(field, y0, deq.gamma0, schedule.gamma_max,
-                                             solver, args=(params, probe))
-      return np.asarray(finish(jnp.asarray(x1), jnp.asarray(delta), deq.log_weight)), nfe, ok
-
-    solve = None
-  else:
-    rows = parallel.batch_sharding(mesh) if sharded else None
-
-    def solve_one(params, k, key, num_real):
-      deq, probe = prepare(k, key)
-      z0 = deq.z0
-      if rows is not None:  # pin the solve's state to the batch split
-        z0 = jax.lax.with_sharding_constraint(z0, rows)
-        probe = None if probe is None else jax.lax.with_sharding_constraint(probe, rows)
-      field = ode.augmented_vector_field(lambda x, g: drift(params, x, g), probe, chunk)
-      y0 = (z0, jnp.zeros(k.shape[0], jnp.float32))
-      norm = None if num_real is None else ode.rows_rms_norm(num_real)
-      (x1, delta), nfe, ok = ode.solve_diffrax(field, y0, deq.gamma0, schedule.gamma_max,
-                                               solver, norm)
-      return finish(x1, delta, deq.log_weight), nfe, ok
-
-    solve = jax.jit(precision_lib.traced_with(s.precision, solve_one), static_argnums=3,
-                    out_shardings=parallel.replicated_sharding(mesh) if sharded else None)
-
-    def one_sample(params, k, key, num_real):
-      bound, nfe, ok = solve(params, k, key, num_real)
-      return np.asarray(parallel.local_copy(bound)), int(nfe), bool(ok)
-
-  def log_prob(params, k, key, num_real: int | None = None) -> Bound:
-    rows_total = k.shape[0]
-    if num_real is not None and num_real >= rows_total:
-      num_real = None  # nothing padded
-    if not sharded:
-      k = jnp.asarray(k)
-    samples, nfes, success = [], [], True
-    for i in range(s.num_importance):
-      bound, nfe, ok = one_sample(params, k, jax.random.fold_in(key, i), num_real)
-      samples.append(bound if num_real is None else bound[:num_real])
-      nfes.append(nfe)
-      success = success and ok
-    stacked = np.stack(samples).astype(np.float64)
-    combined = _logmeanexp(stacked)
-    return Bound(combined, nfes, success)
-
-  log_prob.solve = solve
-  log_prob.mesh = mesh if sharded else None
-  return log_prob
+  parts = _Parts(prepare, finish, drift, schedule, effective_solver(s, schedule), s)
+  return BACKENDS[s.solver.solver].build(parts, mesh)
 
 
-def make_sde_fn(loss_fn: Callable, settings: EvalSettings, mesh=None):
+def make_sde_fn(loss_fn: Callable[..., Any], settings: EvalSettings,
+                mesh: jax.sharding.Mesh | None = None
+                ) -> Callable[[PyTree, jax.Array, jax.Array, int | None], np.ndarray]:
   """sde(params, k, key, num_real=None) -> the VDM ELBO (nats) per image of k[:num_real].
 
   The ELBO terms use the training loss (no dropout) with its own noise and time draws;
@@ -237,7 +300,7 @@ def make_sde_fn(loss_fn: Callable, settings: EvalSettings, mesh=None):
   rows are dropped inside the jitted function (the time draws stratify over the real
   rows only, as on one device).
   """
-  sharded = _sharded(mesh, settings)
+  sharded = is_sharded(mesh, settings)
 
   def sde(params, k, key, num_real):
     if num_real is not None:
@@ -245,9 +308,11 @@ def make_sde_fn(loss_fn: Callable, settings: EvalSettings, mesh=None):
     return loss_fn(params, k, key, False)[1].sde_nats()
 
   jitted = jax.jit(precision_lib.traced_with(settings.precision, sde), static_argnums=3,
-                   out_shardings=parallel.replicated_sharding(mesh) if sharded else None)
+                   out_shardings=(parallel.replicated_sharding(mesh)
+                                  if mesh is not None and sharded else None))
 
-  def sde_fn(params, k, key, num_real: int | None = None):
+  def sde_fn(params: PyTree, k: jax.Array, key: jax.Array,
+             num_real: int | None = None) -> np.ndarray:
     if num_real is not None and num_real >= k.shape[0]:
       num_real = None
     return np.asarray(parallel.local_copy(jitted(params, k, key, num_real)))
@@ -255,122 +320,12 @@ def make_sde_fn(loss_fn: Callable, settings: EvalSettings, mesh=None):
   return sde_fn
 
 
-def place_batch(images, lo: int, hi: int, mesh=None):
-  """(batch, num_real) of images[lo:hi] for a log_prob function over mesh.
-
-  Without a mesh of several devices: the rows as a device array, num_real None. With
-  one: a global array over the mesh, padded to a multiple of the device count with
-  copies of row hi - 1 (each process reading only its own devices' rows), and
-  num_real = hi - lo.
-  """
-  if mesh is None or mesh.size == 1:
-    return jnp.asarray(images[lo:hi]), None
-  rows = np.arange(lo, hi)
-  padded = parallel.padded_size(len(rows), mesh)
-  rows = np.concatenate([rows, np.full(padded - len(rows), hi - 1, rows.dtype)])
-  return parallel.place_rows(images, rows, mesh), hi - lo
-
-
-def process_rows(num_images: int, batch_size: int, mesh) -> np.ndarray:
-  """The sorted distinct indices of images[:num_images] that this process's devices read
-  over a whole ``evaluate_batches`` loop (``place_batch``'s layout: each batch padded with
-  copies of its last row, split over the mesh): what a process of a multi-host evaluation
-  needs to load."""
-  sharding = parallel.batch_sharding(mesh)
-  held = []
-  for lo in range(0, num_images, batch_size):
-    hi = min(lo + batch_size, num_images)
-    rows = np.arange(lo, hi)
-    padded = parallel.padded_size(len(rows), mesh)
-    rows = np.concatenate([rows, np.full(padded - len(rows), hi - 1, rows.dtype)])
-    for index in sharding.addressable_devices_indices_map((padded,)).values():
-      held.append(rows[index[0]])
-  return np.unique(np.concatenate(held)) if held else np.zeros(0, np.int64)
-
-
-def _logmeanexp(a):
+def logmeanexp(a: np.ndarray) -> np.ndarray:
   """log (1/K) sum_k exp(a_k) over the leading axis, in float64."""
   top = a.max(axis=0)
   return top + np.log(np.mean(np.exp(a - top), axis=0))
 
 
-def bits_per_dim(log_prob, dim: int):
+def bits_per_dim(log_prob: np.ndarray | jax.Array, dim: int) -> np.ndarray:
   """-log P / (D ln 2) elementwise."""
   return nats_to_bpd(-np.asarray(log_prob), dim)
-
-
-def check_bound(bound: Bound, settings: EvalSettings):
-  """Raises LikelihoodError if the solver failed or the numbers are not finite."""
-  if not bound.success:
-    raise LikelihoodError(
-        f"the ODE solver did not reach gamma_max within max_steps="
-        f"{settings.solver.max_steps} (rtol={settings.solver.rtol}, "
-        f"atol={settings.solver.atol}); raise eval.max_steps or loosen the tolerances")
-  if not np.all(np.isfinite(bound.log_prob)):
-    raise LikelihoodError("the likelihood is not finite (NaN or Inf in the ODE solve)")
-
-
-def settings_report(settings: EvalSettings, schedule: Schedule) -> dict:
-  """The settings fields of a report (eval/bpd.json and the Python API).
-
-  rtol and atol are the configured ones; the solver ran with them times ode.tolerance_scale.
-  """
-  return {"dequantization": settings.dequantization,
-          "num_importance": settings.num_importance,
-          "analytic_entropy": settings.analytic_entropy,
-          "divergence": settings.divergence, "solver": settings.solver.solver,
-          "rtol": settings.solver.rtol, "atol": settings.solver.atol,
-          "tolerance_scale": ode.tolerance_scale(start_gamma(settings, schedule)),
-          "precision": settings.precision}
-
-
-def evaluate_batches(log_prob_fn, params, images, batch_size: int, key, settings: EvalSettings,
-                     dim: int, sde_fn=None, first_batch: int = 0):
-  """Yields the per-image rows of images[first_batch * batch_size:], one batch at a time.
-
-  Batch b uses the key ``fold_in(key, b)``, so a resumed loop (first_batch > 0) draws
-  exactly the noise an uninterrupted one would. Each row holds ``index``, ``log_prob``
-  (nats, the lower bound on log P(k)), ``bpd`` and ``nfe`` (mean over the K samples), and
-  ``sde_bpd`` when ``sde_fn`` (``make_sde_fn``) is given. Raises LikelihoodError on a
-  solver failure or a non-finite bound.
-
-  With a log_prob_fn over a mesh of several devices (``make_log_prob_fn(..., mesh)``),
-  params are replicated over it once, every process runs the loop, each placing only its
-  own devices' rows of every batch (``place_batch``), and every process gets every row.
-  """
-  mesh = getattr(log_prob_fn, "mesh", None)
-  if mesh is not None:
-    params = parallel.replicate(parallel.local_copy(params),
-                                parallel.replicated_sharding(mesh))
-  num_batches = -(-len(images) // batch_size)
-  for b in range(first_batch, num_batches):
-    lo, hi = b * batch_size, min((b + 1) * batch_size, len(images))
-    k, num_real = place_batch(images, lo, hi, mesh)
-    bkey = jax.random.fold_in(key, b)
-    bound = log_prob_fn(params, k, bkey, num_real)
-    check_bound(bound, settings)
-    bpd = bits_per_dim(bound.log_prob, dim)
-    rows = [{"index": lo + i, "log_prob": float(bound.log_prob[i]), "bpd": float(bpd[i]),
-             "nfe": float(np.mean(bound.nfe))} for i in range(hi - lo)]
-    if sde_fn is not None:
-      sde_key = jax.random.fold_in(bkey, SDE_KEY_INDEX)
-      sde = bits_per_dim(-np.asarray(sde_fn(params, k, sde_key, num_real)), dim)
-      for row, value in zip(rows, sde):
-        row["sde_bpd"] = float(value)
-    yield rows
-
-
-def _mean_and_stderr(values):
-  values = np.asarray(values, np.float64)
-  stderr = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-  return float(values.mean()), float(stderr)
-
-
-def summarize(rows) -> dict:
-  """Mean and standard error of bpd (and sde_bpd when present), mean NFE, image count."""
-  out = {"num_images": len(rows)}
-  out["bpd"], out["bpd_stderr"] = _mean_and_stderr([r["bpd"] for r in rows])
-  if rows and "sde_bpd" in rows[0]:
-    out["sde_bpd"], out["sde_bpd_stderr"] = _mean_and_stderr([r["sde_bpd"] for r in rows])
-  out["nfe_mean"] = float(np.mean([r["nfe"] for r in rows]))
-  return out

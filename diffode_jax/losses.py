@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, Protocol, TypeAlias
 
 import flax
 import jax
@@ -37,24 +38,27 @@ from diffode_jax.parameterization import Parameterization
 from diffode_jax.schedules import Schedule
 from diffode_jax.time_sampling import TimeSampler
 
+PyTree: TypeAlias = Any
 # net_fn(params, x_gamma, gamma, dropout_key_or_None, train[, cond=...]) -> F
-NetFn = Callable[..., jnp.ndarray]
+NetFn: TypeAlias = Callable[..., jax.Array]
+# init_params(key) -> params of a network
+InitFn: TypeAlias = Callable[[jax.Array], PyTree]
 
 
 @flax.struct.dataclass
 class LossTerms:
   """Per-example terms in nats, each of shape (B,)."""
 
-  diffusion: jnp.ndarray
-  second_order: jnp.ndarray
-  prior: jnp.ndarray
-  recon: jnp.ndarray
+  diffusion: jax.Array
+  second_order: jax.Array
+  prior: jax.Array
+  recon: jax.Array
 
-  def sde_nats(self):
+  def sde_nats(self) -> jax.Array:
     return self.recon + self.prior + self.diffusion
 
 
-def prior_kl(x, schedule: Schedule):
+def prior_kl(x: jax.Array, schedule: Schedule) -> jax.Array:
   """KL(N(alpha_1 x, sigma_1^2 I) || N(0, I)) at gamma_max, per example (nats)."""
   c1 = schedule.coefficients(jnp.asarray(schedule.gamma_max, x.dtype))
   alpha1, sigma1 = c1.alpha, c1.sigma
@@ -62,7 +66,8 @@ def prior_kl(x, schedule: Schedule):
   return 0.5 * sum_per_example(var + (alpha1 * x) ** 2 - 1.0 - jnp.log(var))
 
 
-def reconstruction_loss(key, k, x, schedule: Schedule, num_levels: int):
+def reconstruction_loss(key: jax.Array, k: jax.Array, x: jax.Array, schedule: Schedule,
+                        num_levels: int) -> jax.Array:
   """-log p(k | z_0), z_0 = alpha_0 x + sigma_0 eps, one noise sample, per example."""
   c0 = schedule.coefficients(jnp.asarray(schedule.gamma_min, x.dtype))
   z0 = c0.alpha * x + c0.sigma * jax.random.normal(key, x.shape)
@@ -77,8 +82,16 @@ class LossConfig:
   train_dequantization: str = "none"
 
 
+class LossFn(Protocol):
+  """loss_fn(params, k, key, train, cond=None) -> (scalar bits/dim, LossTerms)."""
+
+  def __call__(self, params: PyTree, k: jax.Array, key: jax.Array, train: bool = True,
+               cond: jax.Array | None = None) -> tuple[jax.Array, LossTerms]:
+    ...
+
+
 def make_loss_fn(net_fn: NetFn, parameterization: Parameterization,
-                 time_sampler: TimeSampler, loss_config: LossConfig):
+                 time_sampler: TimeSampler, loss_config: LossConfig) -> LossFn:
   """Returns loss_fn(params, k, key, train, cond=None) -> (scalar bits/dim, LossTerms).
 
   ``k`` is an integer batch (B, H, W, C); the scalar is the mean over the batch of the
@@ -88,7 +101,8 @@ def make_loss_fn(net_fn: NetFn, parameterization: Parameterization,
   schedule = parameterization.schedule
   cfg = loss_config
 
-  def loss_fn(params, k, key, train: bool = True, cond=None):
+  def loss_fn(params: PyTree, k: jax.Array, key: jax.Array, train: bool = True,
+              cond: jax.Array | None = None) -> tuple[jax.Array, LossTerms]:
     dim = math.prod(k.shape[1:])
     batch = k.shape[0]
     key_deq, key_time, key_eps, key_drop, key_probe, key_rec = jax.random.split(key, 6)
@@ -99,11 +113,12 @@ def make_loss_fn(net_fn: NetFn, parameterization: Parameterization,
     x_gamma = schedule.marginal(x, eps, gamma)
     target = parameterization.target(x, eps, gamma)
     drop_key = key_drop if train else None
-    net_kwargs = {} if cond is None else {"cond": cond}
+    net_kwargs: dict[str, jax.Array] = {} if cond is None else {"cond": cond}
     weight = 0.5 * inv_density * parameterization.eps_scale(gamma) ** 2
 
     if cfg.second_order:
       probe = draw_probe("rademacher", key_probe, x.shape, x.dtype)
+      assert probe is not None  # a Rademacher probe, never the exact trace's None
       f, divergence = hutchinson_jvp(
           lambda y: net_fn(params, y, gamma, drop_key, train, **net_kwargs), x_gamma, probe)
     else:

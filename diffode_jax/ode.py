@@ -34,15 +34,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
 import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from diffode_jax.discretization import sum_per_example
-from diffode_jax.schedules import default_gamma_min
+from diffode_jax.schedules import FloatLike, default_gamma_min
 
 DIVERGENCES = ("rademacher", "gaussian", "exact")
 SOLVERS = ("tsit5", "dopri5", "scipy_rk45")
@@ -55,11 +57,23 @@ DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
 DEFAULT_MAX_STEPS = 4096
 
+PyTree: TypeAlias = Any
 # drift_fn(x, gamma) -> dx/dgamma for a batch x and a scalar gamma.
-DriftFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+DriftFn: TypeAlias = Callable[[jax.Array, jax.Array], jax.Array]
+# drift(params, x, gamma) -> dx/dgamma: a model's drift (``model.Components.drift``).
+ParamsDriftFn: TypeAlias = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
+# The state (x, l) of the augmented ODE: a batch and its log-density change (B,).
+AugmentedState: TypeAlias = tuple[jax.Array, jax.Array]
+# A diffrax-style vector field f(t, y, args) -> dy/dt, y any pytree.
+VectorField: TypeAlias = Callable[[jax.Array, PyTree, Any], PyTree]
+# The field of the augmented ODE: f(gamma, (x, l), args) -> (dx, dl).
+AugmentedField: TypeAlias = Callable[[jax.Array, AugmentedState, Any], AugmentedState]
+# An error norm of the step-size control: pytree -> scalar.
+Norm: TypeAlias = Callable[[PyTree], jax.Array]
 
 
-def draw_probe(kind: str, key, shape, dtype=jnp.float32):
+def draw_probe(kind: str, key: jax.Array, shape: Sequence[int],
+               dtype: DTypeLike = jnp.float32) -> jax.Array | None:
   """A Hutchinson probe (E[v v^T] = I), or None for the exact trace."""
   if kind == "rademacher":
     return jax.random.rademacher(key, shape, dtype=dtype)
@@ -70,7 +84,8 @@ def draw_probe(kind: str, key, shape, dtype=jnp.float32):
   raise ValueError(f"unknown divergence {kind!r}; expected one of {DIVERGENCES}")
 
 
-def hutchinson_jvp(fn, x, probe):
+def hutchinson_jvp(fn: Callable[[jax.Array], jax.Array], x: jax.Array, probe: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
   """(fn(x), v^T J v per example) with J = dfn/dx at x and v = probe, shaped like x.
 
   J v is one forward-mode Jacobian-vector product, which evaluates fn(x) as well; with
@@ -81,7 +96,9 @@ def hutchinson_jvp(fn, x, probe):
   return out, sum_per_example(probe * jv)
 
 
-def drift_and_divergence(drift_fn: DriftFn, x, gamma, probe, exact_chunk: int | None = None):
+def drift_and_divergence(drift_fn: DriftFn, x: jax.Array, gamma: jax.Array,
+                         probe: jax.Array | None, exact_chunk: int | None = None
+                         ) -> tuple[jax.Array, jax.Array]:
   """(drift, divergence per image); exact trace when probe is None.
 
   The exact trace takes the D diagonal entries of J from D Jacobian-vector products with
@@ -94,7 +111,7 @@ def drift_and_divergence(drift_fn: DriftFn, x, gamma, probe, exact_chunk: int | 
   dim = math.prod(x.shape[1:])
   dx = drift_fn(x, gamma)
 
-  def diag_entry(i):
+  def diag_entry(i: jax.Array) -> jax.Array:
     basis = jax.nn.one_hot(i, dim, dtype=x.dtype).reshape((1,) + x.shape[1:])
     tangent = jnp.broadcast_to(basis, x.shape)
     _, jv = jax.jvp(lambda y: drift_fn(y, gamma), (x,), (tangent,))
@@ -106,10 +123,11 @@ def drift_and_divergence(drift_fn: DriftFn, x, gamma, probe, exact_chunk: int | 
   return dx, diagonal.T.sum(axis=1)
 
 
-def augmented_vector_field(drift_fn: DriftFn, probe, exact_chunk: int | None = None):
+def augmented_vector_field(drift_fn: DriftFn, probe: jax.Array | None,
+                           exact_chunk: int | None = None) -> AugmentedField:
   """The diffrax-style field f(gamma, (x, l), args) of the augmented ODE."""
 
-  def field(gamma, state, args):
+  def field(gamma: jax.Array, state: AugmentedState, args: Any) -> AugmentedState:
     del args
     x, _ = state
     return drift_and_divergence(drift_fn, x, gamma, probe, exact_chunk)
@@ -127,7 +145,7 @@ class SolverConfig:
   icoeff: float = 1.0
   dcoeff: float = 0.0
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.solver not in SOLVERS:
       raise ValueError(f"unknown solver {self.solver!r}; expected one of {SOLVERS}")
     for name in ("rtol", "atol"):
@@ -165,11 +183,11 @@ def scaled_tolerances(cfg: SolverConfig, gamma0: float) -> SolverConfig:
   return dataclasses.replace(cfg, rtol=cfg.rtol * scale, atol=cfg.atol * scale)
 
 
-def _diffrax_solver(name: str):
+def _diffrax_solver(name: str) -> diffrax.AbstractSolver:
   return {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}[name]()
 
 
-def rows_rms_norm(num_rows: int):
+def rows_rms_norm(num_rows: int) -> Norm:
   """The RMS norm of diffrax's error control over the first ``num_rows`` rows only.
 
   For a batch padded to a multiple of the device count: the padding rows (after the
@@ -178,10 +196,10 @@ def rows_rms_norm(num_rows: int):
   restricted to those rows.
   """
 
-  def norm(tree):
+  def norm(tree: PyTree) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     size = sum(num_rows * math.prod(leaf.shape[1:]) for leaf in leaves)
-    total = 0.0
+    total: jax.Array | float = 0.0
     for leaf in leaves:
       keep = (jnp.arange(leaf.shape[0]) < num_rows).reshape((-1,) + (1,) * (leaf.ndim - 1))
       kept = jnp.where(keep, leaf, 0.0).reshape(-1)
@@ -191,7 +209,8 @@ def rows_rms_norm(num_rows: int):
   return norm
 
 
-def solve_diffrax(field, y0, t0, t1, cfg: SolverConfig, norm=None):
+def solve_diffrax(field: VectorField, y0: PyTree, t0: FloatLike, t1: FloatLike, cfg: SolverConfig,
+                  norm: Norm | None = None) -> tuple[PyTree, jax.Array, jax.Array]:
   """Integrates field from t0 to t1 on device; returns (y1, nfe, success) as arrays.
 
   nfe counts vector-field evaluations: 6 per attempted step of the 7-stage FSAL solvers
@@ -199,11 +218,13 @@ def solve_diffrax(field, y0, t0, t1, cfg: SolverConfig, norm=None):
   the error norm of the step-size control (None: diffrax's default RMS norm over the
   whole state; see ``rows_rms_norm``).
   """
-  extra = {} if norm is None else {"norm": norm}
+  extra: dict[str, Any] = {} if norm is None else {"norm": norm}
   controller = diffrax.PIDController(rtol=cfg.rtol, atol=cfg.atol, pcoeff=cfg.pcoeff,
                                      icoeff=cfg.icoeff, dcoeff=cfg.dcoeff, **extra)
   sol = diffrax.diffeqsolve(
-      diffrax.ODETerm(field), _diffrax_solver(cfg.solver), t0=t0, t1=t1, dt0=None, y0=y0,
+      # diffrax calls the field with t as a (traced) jax.Array, never a Python number
+      diffrax.ODETerm(field),  # type: ignore[arg-type]
+      _diffrax_solver(cfg.solver), t0=t0, t1=t1, dt0=None, y0=y0,
       stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True),
       max_steps=cfg.max_steps, throw=False)
   y1 = jax.tree.map(lambda a: a[-1], sol.ys)
@@ -211,7 +232,9 @@ def solve_diffrax(field, y0, t0, t1, cfg: SolverConfig, norm=None):
   return y1, nfe, sol.result == diffrax.RESULTS.successful
 
 
-def solve_scipy(field, y0, t0, t1, cfg: SolverConfig, args=None):
+def solve_scipy(field: AugmentedField, y0: AugmentedState, t0: FloatLike, t1: FloatLike,
+                cfg: SolverConfig, args: Any = None
+                ) -> tuple[tuple[np.ndarray, np.ndarray], int, bool]:
   """The official code's path: scipy's RK45 on the host, one jitted call per evaluation.
 
   ``field(t, (x, l), args)`` is jitted as it is, so a field defined once and called with
@@ -224,7 +247,7 @@ def solve_scipy(field, y0, t0, t1, cfg: SolverConfig, args=None):
   shape, n = x0.shape, x0.size
   jitted = jax.jit(field)
 
-  def rhs(t, flat):
+  def rhs(t: float, flat: np.ndarray) -> np.ndarray:
     x = jnp.asarray(flat[:n].reshape(shape), x0.dtype)
     dx, dl = jitted(jnp.asarray(t, x0.dtype), (x, l0), args)
     return np.concatenate([np.asarray(dx, np.float64).ravel(), np.asarray(dl, np.float64)])

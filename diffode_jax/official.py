@@ -27,16 +27,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from diffode_jax import storage
+from diffode_jax.checkpoint import check_shapes
 from diffode_jax.errors import CheckpointError, ConfigError
-from diffode_jax.networks import layout as network_layout
+from diffode_jax.networks import switch
 from diffode_jax.train_state import TrainState, adam_state_of, make_optimizer, with_adam_state
+
+if TYPE_CHECKING:
+  from diffode_jax.model import Components
 
 OFFICIAL_GAMMA_MIN = -13.3  # every official config
 OFFICIAL_GAMMA_MAX = 5.0
@@ -65,7 +71,7 @@ class Layout:
   num_fourier: int  # Fourier frequencies (0: no Fourier features)
   block_attention: bool
   mid_attention: bool
-  time_proj: str  # "zero_no_bias" (official) or "dense" (a cond_proj with bias)
+  time_proj: str  # "zero_no_bias" (official) or "with_bias" (a cond_proj with bias)
   cond_dim: int  # extra inputs of dense0 (1: the official conditioning scalar)
 
 
@@ -128,7 +134,7 @@ def read(path: str) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- layout
 
 
-def _indices(score_model, prefix: str) -> list[int]:
+def _indices(score_model: dict, prefix: str) -> list[int]:
   pattern = re.compile(re.escape(prefix) + r"(\d+)")
   return sorted(int(m.group(1)) for k in score_model if (m := pattern.fullmatch(k)))
 
@@ -186,7 +192,7 @@ def derive_layout(score_model: dict, where: str) -> Layout:
   return Layout(channels=channels, embed_dim=embed_dim, num_blocks=num_blocks,
                 image_channels=image_channels, num_fourier=num_fourier,
                 block_attention=block_attention, mid_attention=mid_attention,
-                time_proj="dense" if "bias" in proj else "zero_no_bias",
+                time_proj="with_bias" if "bias" in proj else "zero_no_bias",
                 cond_dim=dense0[0] - channels)
 
 
@@ -194,6 +200,7 @@ def expected_fields(layout: Layout, where: str = "official checkpoint"
                     ) -> list[tuple[str, object, str]]:
   """(config field, value the checkpoint needs, where the value comes from)."""
   L = layout
+  cond: list[tuple[str, object, str]]
   if L.cond_dim == 1:
     cond = [("model.cond_input", "scalar", "dense0 takes the time embedding plus one scalar")]
   elif L.cond_dim == 0:
@@ -203,7 +210,7 @@ def expected_fields(layout: Layout, where: str = "official checkpoint"
     raise CheckpointError(f"{where}: dense0 takes {L.channels + L.cond_dim} inputs: "
                           f"{L.channels} of the time embedding and {L.cond_dim} more, which "
                           "is not the official conditioning (one scalar)")
-  fields = [
+  fields: list[tuple[str, object, str]] = [
       ("model.arch", "unet", "an official score model"),
       ("model.channels", L.channels, "conv_in/kernel"),
       ("model.embed_dim", L.embed_dim, "dense0/kernel"),
@@ -223,7 +230,7 @@ def expected_fields(layout: Layout, where: str = "official checkpoint"
                 f"conv_in takes {L.num_fourier} Fourier frequencies")]
   fields += cond + [
       ("model.time_proj", L.time_proj,
-       "cond_proj " + ("with" if L.time_proj == "dense" else "without") + " bias"),
+       "cond_proj " + ("with" if L.time_proj == "with_bias" else "without") + " bias"),
       ("model.time_embedding", "official", "the official sinusoidal time embedding"),
       ("model.num_groups", OFFICIAL_NUM_GROUPS, "the official GroupNorm"),
       ("model.base_measure_skip", True, "the official output adds its input"),
@@ -231,15 +238,15 @@ def expected_fields(layout: Layout, where: str = "official checkpoint"
   return fields
 
 
-def _config_value(config, field: str):
+def _config_value(config: ml_collections.ConfigDict, field: str) -> Any:
   section, name = field.split(".")
   if section == "model" and name in ("block_attention", "cond_input", "time_proj",
                                      "time_embedding"):
-    return network_layout(config.model, name)
+    return switch(config.model, name)
   return config[section].get(name)
 
 
-def check_config(config, layout: Layout, where: str) -> None:
+def check_config(config: ml_collections.ConfigDict, layout: Layout, where: str) -> None:
   """ConfigError (one line, every mismatch) unless the finalized config builds layout."""
   bad = []
   for field, want, evidence in expected_fields(layout, where):
@@ -257,7 +264,8 @@ def check_config(config, layout: Layout, where: str) -> None:
 def module_names(layout: Layout) -> list[tuple[str, str, dict | None]]:
   """(official module, this project's module, inner name map; None: a plain layer), in
   the order the network runs them."""
-  pairs = [(k, v, None) for k, v in _TOP.items() if k not in ("GroupNorm_0", "conv_out")]
+  pairs: list[tuple[str, str, dict | None]] = [
+      (k, v, None) for k, v in _TOP.items() if k not in ("GroupNorm_0", "conv_out")]
   counts = {"ResnetBlock": 0, "AttentionBlock": 0}
 
   def add(official, kind):
@@ -306,34 +314,10 @@ def to_native(score_model: dict, layout: Layout, where: str) -> dict:
   return out
 
 
-def to_official(native: dict, layout: Layout) -> dict:
-  """The inverse of ``to_native``: this project's params in official names."""
-  out = {}
-  for official, name, inner in module_names(layout):
-    node = native[name]
-    if inner is None:
-      out[official] = node
-    else:
-      back = {v: k for k, v in inner.items()}
-      out[official] = {back[k]: v for k, v in node.items()}
-  return out
-
-
-def layout_of_config(config) -> Layout:
-  """The Layout a finalized config builds (for writing official-format files)."""
-  m = config.model
-  n = m.fourier_max - m.fourier_min + 1 if m.fourier_features else 0
-  return Layout(channels=m.channels, embed_dim=m.embed_dim, num_blocks=m.num_blocks,
-                image_channels=config.data.channels, num_fourier=n,
-                block_attention=network_layout(m, "block_attention"),
-                mid_attention=bool(m.attention), time_proj=network_layout(m, "time_proj"),
-                cond_dim=1 if network_layout(m, "cond_input") == "scalar" else 0)
-
-
 # ----------------------------------------------------------------------------- conversion
 
 
-def convert(raw: dict, config, where: str) -> Imported:
+def convert(raw: dict, config: ml_collections.ConfigDict, where: str) -> Imported:
   """Checks an official state dict against a finalized config and converts it."""
   sm = raw["params"]["score_model"]
   layout = derive_layout(sm, where)
@@ -341,14 +325,15 @@ def convert(raw: dict, config, where: str) -> Imported:
   params = to_native(sm, layout, where)
   ema = to_native(raw["ema_params"]["score_model"], layout, where + " (ema_params)")
   step = int(np.asarray(raw.get("step", 0)))
-  found = adam_state_of(raw.get("opt_state")) if isinstance(raw.get("opt_state"), dict) else None
+  opt_state = raw.get("opt_state")
+  found = adam_state_of(opt_state) if isinstance(opt_state, dict) else None
   adam, note = None, "no Adam state (count, mu, nu) in opt_state: a fresh optimizer"
   if found is not None:
     try:
       mu = to_native(found["mu"]["score_model"], layout, where + " (opt_state mu)")
       nu = to_native(found["nu"]["score_model"], layout, where + " (opt_state nu)")
-      _check_same_shapes(mu, params, where + " (opt_state mu)")
-      _check_same_shapes(nu, params, where + " (opt_state nu)")
+      check_shapes(params, mu, where + " (opt_state mu)")
+      check_shapes(params, nu, where + " (opt_state nu)")
       # The official learning rate is a function of the TrainState step (micro-batches).
       adam = {"count": np.asarray(found["count"]), "mu": mu, "nu": nu,
               "schedule_count": np.asarray(step)}
@@ -358,21 +343,11 @@ def convert(raw: dict, config, where: str) -> Imported:
   return Imported(step, params, ema, adam, note, layout)
 
 
-def _check_same_shapes(tree, template, where):
-  got = {jax.tree_util.keystr(p): np.shape(v)
-         for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  want = {jax.tree_util.keystr(p): tuple(np.shape(v))
-          for p, v in jax.tree_util.tree_flatten_with_path(template)[0]}
-  for name in sorted(set(got) | set(want)):
-    if got.get(name) != want.get(name):
-      raise CheckpointError(f"{where}: parameter {name} has shape {got.get(name)}, the "
-                            f"configured model expects {want.get(name)}")
-
-
-def train_state(imported: Imported, config, components) -> TrainState:
+def train_state(imported: Imported, config: ml_collections.ConfigDict,
+                components: Components) -> TrainState:
   """This project's TrainState of an imported checkpoint under a finalized config."""
   template = jax.eval_shape(components.init_params, jax.random.PRNGKey(0))
-  _check_same_shapes(imported.params, template, "official checkpoint")
+  check_shapes(template, imported.params, "official checkpoint")
   params = jax.tree.map(jnp.asarray, imported.params)
   ema = jax.tree.map(jnp.asarray, imported.ema_params)
   optimizer = make_optimizer(config.training)
@@ -387,7 +362,7 @@ def train_state(imported: Imported, config, components) -> TrainState:
                     ema_params=ema, opt_state=opt_state)
 
 
-def import_config(config):
+def import_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """config with the official gamma_min where it is left to be derived, finalized."""
   from diffode_jax.config import finalize_config
 

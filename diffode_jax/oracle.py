@@ -32,12 +32,19 @@ O(batch * chunk * D) for any N.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy.typing as npt
 
 from diffode_jax.discretization import bin_centre
 from diffode_jax.parameterization import Parameterization
+from diffode_jax.schedules import FloatLike
+
+if TYPE_CHECKING:
+  from diffode_jax.losses import NetFn
 
 # Upper bound on the elements of one (batch, chunk, D) block of differences.
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
@@ -47,7 +54,9 @@ def _chunk_size(batch: int, num_train: int, dim: int, block_elements: int) -> in
   return max(1, min(num_train, block_elements // max(batch * dim, 1)))
 
 
-def posterior_means(train_x, x_gamma, alpha, sigma, block_elements=DEFAULT_BLOCK_ELEMENTS):
+def posterior_means(train_x: jax.Array, x_gamma: jax.Array, alpha: jax.Array, sigma: jax.Array,
+                    block_elements: int = DEFAULT_BLOCK_ELEMENTS
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(x_hat, eps_hat, log_mixture) of the empirical distribution of train_x at x_gamma.
 
   Args:
@@ -75,7 +84,9 @@ def posterior_means(train_x, x_gamma, alpha, sigma, block_elements=DEFAULT_BLOCK
   a = alpha[:, None, None]
   inv_two_var = 0.5 / sigma**2
 
-  def accumulate(carry, block):
+  def accumulate(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+                 block: tuple[jax.Array, jax.Array]
+                 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array, jax.Array], None]:
     top, total, sum_x, sum_d = carry
     x_chunk, ok = block
     diff = xg[:, None, :] - a * x_chunk[None]  # (B, chunk, D)
@@ -100,8 +111,9 @@ def posterior_means(train_x, x_gamma, alpha, sigma, block_elements=DEFAULT_BLOCK
   return x_hat, eps_hat, log_mixture
 
 
-def oracle_net(train_images, num_levels: int, parameterization: Parameterization,
-               block_elements: int = DEFAULT_BLOCK_ELEMENTS):
+def oracle_net(train_images: npt.ArrayLike, num_levels: int, parameterization: Parameterization,
+               block_elements: int = DEFAULT_BLOCK_ELEMENTS
+               ) -> tuple[Callable[[jax.Array | None], jax.Array], NetFn]:
   """(init_params, net_fn) of the exact network for the training images (integers < V).
 
   ``init_params(key)`` ignores the key and returns the bin centres (N, H, W, C) float32;
@@ -112,11 +124,12 @@ def oracle_net(train_images, num_levels: int, parameterization: Parameterization
   centres = bin_centre(jnp.asarray(train_images), num_levels)
   schedule = parameterization.schedule
 
-  def init_params(key=None):
+  def init_params(key: jax.Array | None = None) -> jax.Array:
     del key
     return centres
 
-  def net_fn(params, x_gamma, gamma, dropout_key=None, train=False):
+  def net_fn(params: jax.Array, x_gamma: jax.Array, gamma: FloatLike,
+             dropout_key: jax.Array | None = None, train: bool = False) -> jax.Array:
     del dropout_key, train
     gamma = jnp.broadcast_to(jnp.asarray(gamma, x_gamma.dtype), x_gamma.shape[:1])
     c = schedule.coefficients(gamma)

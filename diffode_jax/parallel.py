@@ -11,7 +11,8 @@ process and one device.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import jax
 import numpy as np
@@ -19,10 +20,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffode_jax.errors import ConfigError
 
+if TYPE_CHECKING:
+  from diffode_jax.data.spec import RowSubset
+
 T = TypeVar("T")
+PyTree: TypeAlias = Any
 
 
-def make_mesh(devices=None) -> Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D data-parallel mesh over ``devices`` (default: every device of every process)."""
   return Mesh(np.array(jax.devices() if devices is None else devices), ("data",))
 
@@ -56,7 +61,7 @@ def padded_size(rows: int, mesh: Mesh) -> int:
   return -(-rows // mesh.size) * mesh.size
 
 
-def place_rows(images: np.ndarray, rows: np.ndarray, mesh: Mesh) -> jax.Array:
+def place_rows(images: np.ndarray | RowSubset, rows: np.ndarray, mesh: Mesh) -> jax.Array:
   """The global batch ``images[rows]`` split over the mesh.
 
   Each process reads (and sends to its devices) only the rows of its own devices,
@@ -64,8 +69,12 @@ def place_rows(images: np.ndarray, rows: np.ndarray, mesh: Mesh) -> jax.Array:
   """
   rows = np.asarray(rows)
   shape = (len(rows),) + tuple(images.shape[1:])
-  return jax.make_array_from_callback(shape, batch_sharding(mesh),
-                                      lambda index: np.asarray(images[rows[index[0]]]))
+
+  def read(index: tuple[slice, ...] | None) -> np.ndarray:
+    assert index is not None  # a batch sharding gives every device a slice of the rows
+    return np.asarray(images[rows[index[0]]])
+
+  return jax.make_array_from_callback(shape, batch_sharding(mesh), read)
 
 
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -73,17 +82,17 @@ def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
 
 
-def replicate(tree, sharding):
+def replicate(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
   """Places a pytree whose values are the same on every process with ``sharding``."""
 
-  def place(leaf):
+  def place(leaf: Any) -> jax.Array:
     value = np.asarray(leaf)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
   return jax.tree.map(place, tree)
 
 
-def local_copy(tree):
+def local_copy(tree: PyTree) -> PyTree:
   """A host (NumPy) copy of a pytree of replicated arrays, read from a local device.
 
   Works for arrays replicated over devices of several processes, whose global value no
@@ -119,7 +128,8 @@ def on_any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-def chief_first(fn: Callable[[], T], name: str, errors: tuple = ()) -> T:
+def chief_first(fn: Callable[[], T], name: str,
+                errors: tuple[type[BaseException], ...] = ()) -> T:
   """fn() on every process, process 0 first (e.g. to prepare a tfds data set once).
 
   An exception of type ``errors`` on process 0 is raised on process 0 after the barrier,
@@ -127,7 +137,8 @@ def chief_first(fn: Callable[[], T], name: str, errors: tuple = ()) -> T:
   """
   if jax.process_count() == 1:
     return fn()
-  error, result = None, None
+  error: BaseException | None = None
+  result: T | None = None
   if jax.process_index() == 0:
     try:
       result = fn()
@@ -138,4 +149,4 @@ def chief_first(fn: Callable[[], T], name: str, errors: tuple = ()) -> T:
     raise error
   if jax.process_index() != 0:
     result = fn()
-  return result
+  return cast(T, result)  # set by fn() on every process

@@ -4,11 +4,16 @@
     <workdir>/checkpoints/<step>/    orbax checkpoints
     <workdir>/metrics.jsonl          one JSON object per logged step
     <workdir>/tensorboard/           TensorBoard events
+    <workdir>/import.json            what --mode=import_official imported
+    <workdir>/.train.lock            held by the training run (run/lock.py)
     <workdir>/eval/<name>/           bpd.json and per_image.jsonl of one --mode=eval_bpd
     <workdir>/eval/index.json        every evaluation by name, and the latest finished one
     <workdir>/eval/bpd.json          copies of the latest finished evaluation's two files
     <workdir>/eval/per_image.jsonl
+    <workdir>/eval/.lock             held by a running evaluation
     <workdir>/samples/               grid.png, samples.npz, sample.json of --mode=sample
+
+Every name above is written in this file only.
 
 A workdir is a local directory or a Cloud Storage prefix (``gs://bucket/run``); the files
 themselves are read and written through ``diffode_jax.storage``. Both the library
@@ -53,12 +58,37 @@ def tensorboard_dir(workdir: str) -> str:
   return storage.join(workdir, "tensorboard")
 
 
+def import_report_path(workdir: str) -> str:
+  return storage.join(workdir, "import.json")
+
+
+def train_lock_path(workdir: str) -> str:
+  return storage.join(workdir, ".train.lock")
+
+
 def eval_dir(workdir: str) -> str:
   return storage.join(workdir, "eval")
 
 
+def eval_lock_path(workdir: str) -> str:
+  return storage.join(workdir, "eval", ".lock")
+
+
+def eval_report_path(workdir: str, name: str | None = None) -> str:
+  """bpd.json of the evaluation ``name``, or (None) the copy of the latest finished one."""
+  return storage.join(eval_dir(workdir) if name is None else evaluation_dir(workdir, name),
+                      "bpd.json")
+
+
+def eval_rows_path(workdir: str, name: str | None = None) -> str:
+  """per_image.jsonl of the evaluation ``name``, or (None) the copy of the latest finished
+  one."""
+  return storage.join(eval_dir(workdir) if name is None else evaluation_dir(workdir, name),
+                      "per_image.jsonl")
+
+
 def evaluation_dir(workdir: str, name: str) -> str:
-  """The directory of one named evaluation (``run.workdir.evaluation_name``)."""
+  """The directory of one named evaluation (``run.eval_rows.evaluation_name``)."""
   return storage.join(workdir, "eval", name)
 
 
@@ -77,3 +107,15 @@ def read_eval_index(workdir: str) -> dict:
 
 def samples_dir(workdir: str) -> str:
   return storage.join(workdir, "samples")
+
+
+def sample_grid_path(workdir: str) -> str:
+  return storage.join(samples_dir(workdir), "grid.png")
+
+
+def samples_path(workdir: str) -> str:
+  return storage.join(samples_dir(workdir), "samples.npz")
+
+
+def sample_report_path(workdir: str) -> str:
+  return storage.join(samples_dir(workdir), "sample.json")

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import jax
 
 PRECISIONS = ("default", "high", "highest")
 DEFAULT_EVAL_PRECISION = "highest"
 DEFAULT_TRAIN_PRECISION = "default"
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def check(precision: str, what: str) -> None:
@@ -34,21 +38,21 @@ def check(precision: str, what: str) -> None:
     raise ValueError(f"unknown {what} {precision!r}; expected one of {PRECISIONS}")
 
 
-def scope(precision: str):
+def scope(precision: str) -> contextlib.AbstractContextManager[Any]:
   """A context in which JAX traces matrix products and convolutions at ``precision``."""
   if precision == "default":
     return contextlib.nullcontext()
   return jax.default_matmul_precision(precision)
 
 
-def traced_with(precision: str, fn):
+def traced_with(precision: str, fn: _F) -> _F:
   """fn, traced at ``precision`` (wrap before ``jax.jit``)."""
   if precision == "default":
     return fn
 
   @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
+  def wrapped(*args: Any, **kwargs: Any) -> Any:
     with scope(precision):
       return fn(*args, **kwargs)
 
-  return wrapped
+  return cast(_F, wrapped)  # functools.wraps keeps fn's signature

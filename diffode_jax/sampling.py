@@ -23,20 +23,40 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
+from jax.sharding import Mesh
 
 from diffode_jax import ode, parallel
 from diffode_jax import precision as precision_lib
 from diffode_jax.decoder import decode_argmax, decode_sample
 from diffode_jax.discretization import to_levels
-from diffode_jax.schedules import Schedule
+from diffode_jax.ode import ParamsDriftFn, PyTree
+from diffode_jax.schedules import FloatLike, Schedule
 from diffode_jax.errors import SamplingError  # noqa: F401  (re-exported)
 
 DECODES = ("argmax", "sample", "round")
 DEFAULT_DECODE = "argmax"  # the library's and configs/default.py's sample default
+
+if TYPE_CHECKING:
+  import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleFn:
+  """What ``make_sample_fn`` returns: sample(params, key) -> (integers, nfe, success), a
+  jitted function (``solve``) and the mesh it splits batches over (None: one device)."""
+
+  solve: Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+  mesh: Mesh | None = None
+
+  def __call__(self, params: PyTree, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return self.solve(params, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +67,7 @@ class SampleSettings:
   solver: ode.SolverConfig = ode.SolverConfig()
   precision: str = precision_lib.DEFAULT_EVAL_PRECISION  # matmul precision (precision.py)
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.decode not in DECODES:
       raise ValueError(f"unknown sample.decode {self.decode!r}; expected one of {DECODES}")
     if self.solver.solver == "scipy_rk45":
@@ -55,7 +75,7 @@ class SampleSettings:
     precision_lib.check(self.precision, "eval.precision")
 
 
-def sample_settings(config) -> SampleSettings:
+def sample_settings(config: ml_collections.ConfigDict) -> SampleSettings:
   """SampleSettings from config.sample, with config.eval.precision (ValueError on a bad
   choice)."""
   s = config.sample
@@ -64,7 +84,9 @@ def sample_settings(config) -> SampleSettings:
                         config.eval.precision)
 
 
-def flow(drift, params, x, gamma_from, gamma_to, solver: ode.SolverConfig):
+def flow(drift: ParamsDriftFn, params: PyTree, x: jax.Array, gamma_from: FloatLike,
+         gamma_to: FloatLike, solver: ode.SolverConfig
+         ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Solves dx/dgamma = drift(params, x, gamma) from gamma_from to gamma_to (either way).
 
   Returns (x at gamma_to, nfe, success) as arrays; jit-compatible.
@@ -73,7 +95,8 @@ def flow(drift, params, x, gamma_from, gamma_to, solver: ode.SolverConfig):
   return ode.solve_diffrax(field, x, gamma_from, gamma_to, solver)
 
 
-def to_integers(z0, key, schedule: Schedule, num_levels: int, decode: str):
+def to_integers(z0: jax.Array, key: jax.Array, schedule: Schedule, num_levels: int,
+                decode: str) -> jax.Array:
   """Integer images from states z_0 at gamma_min (see the module docstring)."""
   if decode == "argmax":
     return decode_argmax(z0, schedule, num_levels)
@@ -85,17 +108,18 @@ def to_integers(z0, key, schedule: Schedule, num_levels: int, decode: str):
   raise ValueError(f"unknown decode {decode!r}; expected one of {DECODES}")
 
 
-def make_sample_fn(drift, schedule: Schedule, num_levels: int, shape, settings: SampleSettings,
-                   mesh=None):
+def make_sample_fn(drift: ParamsDriftFn, schedule: Schedule, num_levels: int,
+                   shape: tuple[int, ...], settings: SampleSettings,
+                   mesh: Mesh | None = None) -> SampleFn:
   """sample(params, key) -> (integers of shape ``shape`` (B, H, W, C), nfe, success), jitted.
 
   With a ``mesh`` of several devices, B must be a multiple of its device count and params
   replicated over it (``draw`` does that); the outputs are replicated on every device.
   """
-  sharded = mesh is not None and mesh.size > 1
-  rows = parallel.batch_sharding(mesh) if sharded else None
+  sharded = mesh if mesh is not None and mesh.size > 1 else None  # None: one device
+  rows = parallel.batch_sharding(sharded) if sharded is not None else None
 
-  def sample(params, key):
+  def sample(params: PyTree, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     k_noise, k_decode = jax.random.split(key)
     sigma_max = schedule.sigma(jnp.asarray(schedule.gamma_max, jnp.float32))
     x1 = sigma_max * jax.random.normal(k_noise, shape, jnp.float32)
@@ -106,19 +130,20 @@ def make_sample_fn(drift, schedule: Schedule, num_levels: int, shape, settings: 
     ok = ok & jnp.all(jnp.isfinite(z0))
     return to_integers(z0, k_decode, schedule, num_levels, settings.decode), nfe, ok
 
-  jitted = jax.jit(precision_lib.traced_with(settings.precision, sample),
-                   out_shardings=parallel.replicated_sharding(mesh) if sharded else None)
-  jitted.mesh = mesh if sharded else None
-  return jitted
+  jitted = jax.jit(
+      precision_lib.traced_with(settings.precision, sample),
+      out_shardings=parallel.replicated_sharding(sharded) if sharded is not None else None)
+  return SampleFn(jitted, sharded)
 
 
-def draw(sample_fn, params, key, num: int, batch_size: int):
+def draw(sample_fn: SampleFn, params: PyTree, key: jax.Array, num: int, batch_size: int
+         ) -> tuple[np.ndarray, list[int]]:
   """num integer images from whole batches of sample_fn (batch b uses fold_in(key, b)).
 
   Returns (images (num, H, W, C), NFE per batch). Raises SamplingError on a failed solve.
   A sample_fn over a mesh of several devices gets params replicated over it once.
   """
-  mesh = getattr(sample_fn, "mesh", None)
+  mesh = sample_fn.mesh
   if mesh is not None:
     params = parallel.replicate(parallel.local_copy(params),
                                 parallel.replicated_sharding(mesh))
@@ -134,7 +159,8 @@ def draw(sample_fn, params, key, num: int, batch_size: int):
   return np.concatenate(images)[:num], nfes
 
 
-def image_grid(images, num_levels: int, min_size: int = 64, border: int = 1):
+def image_grid(images: npt.ArrayLike, num_levels: int, min_size: int = 64, border: int = 1
+               ) -> np.ndarray:
   """A uint8 picture (rows, cols, C) of integer images, levels scaled to 0..255.
 
   Images with 1, 3 or 4 channels keep them (grey, RGB, RGBA); others are shown as grey

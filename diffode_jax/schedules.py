@@ -27,15 +27,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+  import ml_collections
 
 # The truncated normal of docs/design.md, Dequantizations lives on [-tau, tau] with tau = alpha_0 /
 # (sigma_0 V);
 # the reference gamma_min makes tau = 3 (so 0.27% of a standard normal's mass is cut).
 DEFAULT_TAU = 3.0
+
+# A time gamma (or t): an array of any shape, or a Python number.
+FloatLike: TypeAlias = jax.Array | float
+_T = TypeVar("_T", jax.Array, float)
 
 
 def default_gamma_min(num_levels: int, tau: float = DEFAULT_TAU) -> float:
@@ -69,14 +77,14 @@ class Coefficients:
   linear coefficient of the ODE drift).
   """
 
-  alpha: jnp.ndarray
-  sigma: jnp.ndarray
-  dalpha: jnp.ndarray
-  dsigma: jnp.ndarray
-  dlog_alpha: jnp.ndarray
+  alpha: jax.Array
+  sigma: jax.Array
+  dalpha: jax.Array
+  dsigma: jax.Array
+  dlog_alpha: jax.Array
 
 
-def vp_coefficients(gamma) -> Coefficients:
+def vp_coefficients(gamma: FloatLike) -> Coefficients:
   """VP: sigma^2 = sigmoid(gamma), alpha^2 = sigmoid(-gamma)."""
   sigma = jnp.sqrt(jax.nn.sigmoid(gamma))
   alpha = jnp.sqrt(jax.nn.sigmoid(-gamma))
@@ -84,7 +92,7 @@ def vp_coefficients(gamma) -> Coefficients:
                       dsigma=0.5 * sigma * alpha**2, dlog_alpha=-0.5 * sigma**2)
 
 
-def sp_coefficients(gamma) -> Coefficients:
+def sp_coefficients(gamma: FloatLike) -> Coefficients:
   """SP: sigma = sigmoid(gamma / 2), alpha = 1 - sigma (written without cancellation)."""
   sigma = jax.nn.sigmoid(gamma / 2)
   alpha = jax.nn.sigmoid(-gamma / 2)
@@ -93,7 +101,7 @@ def sp_coefficients(gamma) -> Coefficients:
 
 
 # The one place where the schedules differ: name -> coefficients(gamma).
-COEFFICIENT_FNS: dict[str, Callable[..., Coefficients]] = {
+COEFFICIENT_FNS: dict[str, Callable[[FloatLike], Coefficients]] = {
     "VP": vp_coefficients,
     "SP": sp_coefficients,
 }
@@ -112,7 +120,7 @@ class Schedule:
   gamma_min: float
   gamma_max: float
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.name not in COEFFICIENT_FNS:
       raise ValueError(f"unknown schedule {self.name!r}; expected one of {SCHEDULES}")
     if not self.gamma_min < self.gamma_max:
@@ -124,44 +132,44 @@ class Schedule:
     """gamma_max - gamma_min."""
     return self.gamma_max - self.gamma_min
 
-  def gamma_from_t(self, t):
+  def gamma_from_t(self, t: _T) -> _T:
     """Maps t in [0, 1] linearly to gamma (t = 0 is the data end)."""
     return self.gamma_min + self.width * t
 
-  def coefficients(self, gamma) -> Coefficients:
+  def coefficients(self, gamma: FloatLike) -> Coefficients:
     """alpha, sigma, d alpha / d gamma, d sigma / d gamma and d log alpha / d gamma."""
     return COEFFICIENT_FNS[self.name](gamma)
 
-  def sigma(self, gamma):
+  def sigma(self, gamma: FloatLike) -> jax.Array:
     return self.coefficients(gamma).sigma
 
-  def alpha(self, gamma):
+  def alpha(self, gamma: FloatLike) -> jax.Array:
     return self.coefficients(gamma).alpha
 
-  def dsigma(self, gamma):
+  def dsigma(self, gamma: FloatLike) -> jax.Array:
     """d sigma / d gamma."""
     return self.coefficients(gamma).dsigma
 
-  def dalpha(self, gamma):
+  def dalpha(self, gamma: FloatLike) -> jax.Array:
     """d alpha / d gamma."""
     return self.coefficients(gamma).dalpha
 
-  def dlog_alpha(self, gamma):
+  def dlog_alpha(self, gamma: FloatLike) -> jax.Array:
     """d log alpha / d gamma: the linear coefficient of the ODE drift."""
     return self.coefficients(gamma).dlog_alpha
 
-  def drift_coefficients(self, gamma):
+  def drift_coefficients(self, gamma: FloatLike) -> tuple[jax.Array, jax.Array]:
     """(a, b) with dx/dgamma = a * x + b * eps_hat along the probability-flow ODE."""
     c = self.coefficients(gamma)
     return c.dlog_alpha, 0.5 * c.sigma
 
-  def marginal(self, x, eps, gamma):
+  def marginal(self, x: jax.Array, eps: jax.Array, gamma: FloatLike) -> jax.Array:
     """x_gamma = alpha x + sigma eps; gamma broadcasts against the leading axis of x."""
     c = self.coefficients(expand_like(gamma, x))
     return c.alpha * x + c.sigma * eps
 
 
-def expand_like(gamma, x):
+def expand_like(gamma: FloatLike, x: jax.Array) -> jax.Array:
   """Reshapes a per-example gamma of shape (B,) to broadcast against x of shape (B, ...)."""
   gamma = jnp.asarray(gamma)
   if gamma.ndim == 0:
@@ -169,7 +177,7 @@ def expand_like(gamma, x):
   return gamma.reshape(gamma.shape + (1,) * (x.ndim - gamma.ndim))
 
 
-def make_schedule(config_model) -> Schedule:
+def make_schedule(config_model: ml_collections.ConfigDict) -> Schedule:
   """Builds the schedule of ``config.model`` (fields schedule, gamma_min, gamma_max)."""
   return Schedule(config_model.schedule, float(config_model.gamma_min),
                   float(config_model.gamma_max))

@@ -31,10 +31,18 @@ import contextlib
 import json
 import os
 import posixpath
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Literal, TypeAlias
 
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 from etils import epath  # noqa: E402
+
+from diffode_jax.errors import QUOTE_LIMIT, first_line  # noqa: E402
+
+# A local path or a gs:// URL, as text or as a path object (pathlib, epath).
+StrPath: TypeAlias = str | os.PathLike[str]
 
 REMOTE_PREFIX = "gs://"
 _URL_MARK = "://"
@@ -51,12 +59,12 @@ def _configure_gcsfs() -> None:
 _configure_gcsfs()
 
 
-def is_remote(path) -> bool:
+def is_remote(path: StrPath) -> bool:
   """Whether path is in a Cloud Storage bucket (``gs://``)."""
   return os.fspath(path).startswith(REMOTE_PREFIX)
 
 
-def unsupported(path) -> str | None:
+def unsupported(path: StrPath) -> str | None:
   """Why path cannot be used (a URL other than gs://, or a gs:// URL without a bucket),
   or None; the reason does not repeat the path."""
   text = os.fspath(path)
@@ -68,7 +76,7 @@ def unsupported(path) -> str | None:
   return None
 
 
-def bucket_of(path) -> str:
+def bucket_of(path: StrPath) -> str:
   """The bucket name of a gs:// path ('' for a local path)."""
   text = os.fspath(path)
   if not is_remote(text):
@@ -76,14 +84,14 @@ def bucket_of(path) -> str:
   return text[len(REMOTE_PREFIX):].split("/", 1)[0]
 
 
-def join(path, *parts) -> str:
+def join(path: StrPath, *parts: StrPath) -> str:
   """path/part/...: posix separators for gs://, the local convention otherwise."""
   text = os.fspath(path)
-  parts = [os.fspath(p) for p in parts]
-  return posixpath.join(text, *parts) if is_remote(text) else os.path.join(text, *parts)
+  names = [os.fspath(p) for p in parts]
+  return posixpath.join(text, *names) if is_remote(text) else os.path.join(text, *names)
 
 
-def absolute(path) -> str:
+def absolute(path: StrPath) -> str:
   """A local path made absolute, a gs:// path without trailing slashes."""
   text = os.fspath(path)
   if is_remote(text):
@@ -91,12 +99,12 @@ def absolute(path) -> str:
   return os.path.abspath(text)
 
 
-def basename(path) -> str:
+def basename(path: StrPath) -> str:
   text = os.fspath(path).rstrip("/")
   return posixpath.basename(text) if is_remote(text) else os.path.basename(text)
 
 
-def dirname(path) -> str:
+def dirname(path: StrPath) -> str:
   text = os.fspath(path).rstrip("/")
   return posixpath.dirname(text) if is_remote(text) else os.path.dirname(text)
 
@@ -107,10 +115,8 @@ def describe(error: BaseException) -> str:
     return ("gs:// paths need gcsfs (pip install gcsfs; it is a dependency of "
             "diffode_jax)")
   text = getattr(error, "strerror", None) if isinstance(error, OSError) else None
-  if not text:
-    lines = [l.strip() for l in str(error).strip().splitlines() if l.strip()]
-    text = " ".join(lines[:2]) if lines else type(error).__name__
-  return text[:300]
+  # Two lines: a cloud client's first line is often only the status code.
+  return text[:QUOTE_LIMIT] if text else first_line(error, lines=2)
 
 
 def _backend_error(error: Exception) -> bool:
@@ -123,48 +129,49 @@ class _Translate:
   """Re-raises gs:// client errors (gcsfs' HttpError, google-auth errors, ...) as OSError,
   so callers handle one kind of error for both storages."""
 
-  def __enter__(self):
+  def __enter__(self) -> _Translate:
     return self
 
-  def __exit__(self, kind, error, tb):
+  def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+               tb: TracebackType | None) -> Literal[False]:
     if error is not None and not isinstance(error, OSError) and isinstance(error, Exception) \
         and (_backend_error(error) or isinstance(error, ImportError)):
       raise OSError(describe(error)) from error
     return False
 
 
-def path(p) -> epath.Path:
+def path(p: StrPath) -> epath.Path:
   return epath.Path(os.fspath(p))
 
 
-def exists(p) -> bool:
+def exists(p: StrPath) -> bool:
   with _Translate():
     return path(p).exists()
 
 
-def isdir(p) -> bool:
+def isdir(p: StrPath) -> bool:
   with _Translate():
     return path(p).is_dir()
 
 
-def isfile(p) -> bool:
+def isfile(p: StrPath) -> bool:
   with _Translate():
     return path(p).exists() and not path(p).is_dir()
 
 
-def listdir(p) -> list[str]:
+def listdir(p: StrPath) -> list[str]:
   """The names in a directory (FileNotFoundError if there is none)."""
   with _Translate():
     return sorted(child.name for child in path(p).iterdir())
 
 
-def walk_files(root) -> list[str]:
+def walk_files(root: StrPath) -> list[str]:
   """Every file under root (recursively) as a sorted list of '/'-separated paths
   relative to root."""
   root_text = os.fspath(root).rstrip("/") or os.fspath(root)
   # gcsfs' walk names directories without the gs:// prefix.
   prefix = root_text[len(REMOTE_PREFIX):] if is_remote(root_text) else root_text
-  found = []
+  found: list[str] = []
   with _Translate():
     for dirpath, _, filenames in path(root_text).walk():
       here = os.fspath(dirpath).rstrip("/")
@@ -178,23 +185,23 @@ def walk_files(root) -> list[str]:
   return sorted(found)
 
 
-def makedirs(p) -> None:
+def makedirs(p: StrPath) -> None:
   """Creates a local directory and its parents; nothing to do in a bucket."""
   if is_remote(p):
     return
   os.makedirs(os.fspath(p), exist_ok=True)
 
 
-def read_bytes(p) -> bytes:
+def read_bytes(p: StrPath) -> bytes:
   with _Translate():
     return path(p).read_bytes()
 
 
-def read_text(p) -> str:
+def read_text(p: StrPath) -> str:
   return read_bytes(p).decode("utf-8")
 
 
-def write_bytes(p, data: bytes) -> None:
+def write_bytes(p: StrPath, data: bytes) -> None:
   """Replaces p with data atomically: a reader (or a kill) never sees half of it.
 
   Locally: a temporary file, then a rename. In a bucket an object write is atomic.
@@ -218,16 +225,16 @@ def write_bytes(p, data: bytes) -> None:
 _replace = os.replace  # the rename that makes a local write visible (a test seam)
 
 
-def write_text(p, text: str) -> None:
+def write_text(p: StrPath, text: str) -> None:
   write_bytes(p, text.encode("utf-8"))
 
 
-def remove(p) -> None:
+def remove(p: StrPath) -> None:
   with _Translate():
     path(p).unlink()
 
 
-def create_exclusive(p, data: bytes) -> bool:
+def create_exclusive(p: StrPath, data: bytes) -> bool:
   """Creates p holding data unless it exists (then False), atomically: of two callers
   at once exactly one wins. Locally O_CREAT | O_EXCL; in a bucket a conditional upload
   (ifGenerationMatch=0)."""
@@ -250,7 +257,7 @@ def create_exclusive(p, data: bytes) -> bool:
   return True
 
 
-def size(p) -> int:
+def size(p: StrPath) -> int:
   """The size of file p in bytes."""
   if is_remote(p):
     with _Translate():
@@ -258,7 +265,7 @@ def size(p) -> int:
   return os.path.getsize(os.fspath(p))
 
 
-def mtime(p) -> float:
+def mtime(p: StrPath) -> float:
   """When p was last modified (seconds since the epoch; whole seconds in a bucket)."""
   if is_remote(p):
     with _Translate():
@@ -266,7 +273,7 @@ def mtime(p) -> float:
   return os.path.getmtime(os.fspath(p))
 
 
-def refresh(p) -> None:
+def refresh(p: StrPath) -> None:
   """Sets p's modification time to now (in a bucket by rewriting the object)."""
   if is_remote(p):
     write_bytes(p, read_bytes(p))
@@ -274,32 +281,33 @@ def refresh(p) -> None:
     os.utime(os.fspath(p))
 
 
-def missing_parents(p) -> list[str]:
+def missing_parents(p: StrPath) -> list[str]:
   """The local folders makedirs(p) would create, deepest first ([] in a bucket, which has
   no folders)."""
   if is_remote(p):
     return []
-  out, current = [], os.path.abspath(os.fspath(p))
+  out: list[str] = []
+  current = os.path.abspath(os.fspath(p))
   while not os.path.exists(current):
     out.append(current)
     current = os.path.dirname(current)
   return out
 
 
-def rmdir(p) -> None:
+def rmdir(p: StrPath) -> None:
   """Removes an empty local folder (OSError if it is not empty); nothing in a bucket."""
   if not is_remote(p):
     os.rmdir(os.fspath(p))
 
 
-def rename(source, target) -> None:
+def rename(source: StrPath, target: StrPath) -> None:
   """Moves a file or a directory (in a bucket: every object under it, copied then deleted,
   so not atomic there)."""
   with _Translate():
     path(source).rename(os.fspath(target))
 
 
-def touch(p) -> None:
+def touch(p: StrPath) -> None:
   """Creates an empty file (object) at p unless there is one."""
   if exists(p):
     return
@@ -309,7 +317,7 @@ def touch(p) -> None:
     open(os.fspath(p), "a").close()
 
 
-def directory_problem(p) -> str | None:
+def directory_problem(p: StrPath) -> str | None:
   """Why p cannot be (or be created as) a writable directory, as the end of a sentence
   beginning with the path ("is not a directory", "is not writable: ..."), or None.
   Changes nothing. In a bucket only an object in the directory's place is a problem (a
@@ -329,7 +337,7 @@ def directory_problem(p) -> str | None:
   return None
 
 
-def check_bucket(p) -> str | None:
+def check_bucket(p: StrPath) -> str | None:
   """For a gs:// path: why its bucket cannot be used (does not exist, no permission,
   unreachable), or None. Reads only (one listing). Local paths: None."""
   if not is_remote(p):
@@ -361,7 +369,7 @@ class GrowingFile:
   flush, which is atomic: after a kill the object holds exactly what the last flush had.
   """
 
-  def __init__(self, path_, existing: bytes | None = None):
+  def __init__(self, path_: StrPath, existing: bytes | None = None) -> None:
     """existing: what the file holds now, if the caller knows (a bucket's object is
     otherwise read once here; a local file is never read)."""
     self.path = os.fspath(path_)
@@ -393,7 +401,7 @@ class JsonLines:
   """A ``GrowingFile`` of JSON rows, one a line: every row once, in order, on both kinds
   of storage."""
 
-  def __init__(self, path_, existing_rows=None):
+  def __init__(self, path_: StrPath, existing_rows: list[Any] | None = None) -> None:
     """existing_rows: the file's rows, if the caller knows them (see GrowingFile)."""
     existing = None
     if is_remote(path_):  # its complete rows only
@@ -402,23 +410,23 @@ class JsonLines:
     self.file = GrowingFile(path_, existing)
     self.path = self.file.path
 
-  def add(self, rows) -> None:
+  def add(self, rows: Iterable[Any]) -> None:
     self.file.add(_lines(rows))
 
   def flush(self) -> None:
     self.file.flush()
 
 
-def _lines(rows) -> bytes:
+def _lines(rows: Iterable[Any]) -> bytes:
   return "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
 
 
-def read_jsonl(p) -> list:
+def read_jsonl(p: StrPath) -> list[Any]:
   """The complete JSON lines of a file (a line cut by a kill, and anything after, dropped);
   [] if there is no file."""
   if not exists(p):
     return []
-  rows = []
+  rows: list[Any] = []
   for line in read_text(p).splitlines():
     if not line.strip():
       continue
@@ -429,6 +437,6 @@ def read_jsonl(p) -> list:
   return rows
 
 
-def write_jsonl(p, rows) -> None:
+def write_jsonl(p: StrPath, rows: Iterable[Any]) -> None:
   """Replaces p with rows, one JSON object a line, atomically."""
   write_bytes(p, _lines(rows))

@@ -23,16 +23,20 @@ for gamma < 0. The test compares it with a numerically integrated CDF.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from diffode_jax.schedules import Schedule
+from diffode_jax.schedules import FloatLike, Schedule
+
+if TYPE_CHECKING:
+  import ml_collections
 
 _BISECTION_STEPS = 64
 
 
-def alpha2_antiderivative(schedule: Schedule, gamma):
+def alpha2_antiderivative(schedule: Schedule, gamma: FloatLike) -> jax.Array:
   """A closed-form antiderivative of alpha(gamma)^2.
 
   VP: alpha^2 = sigmoid(-g), antiderivative -softplus(-g).
@@ -43,7 +47,7 @@ def alpha2_antiderivative(schedule: Schedule, gamma):
   return gamma - 2.0 * jax.nn.softplus(gamma / 2) + 2.0 * jax.nn.sigmoid(-gamma / 2)
 
 
-def alpha2_integral(schedule: Schedule):
+def alpha2_integral(schedule: Schedule) -> jax.Array:
   """Z, the integral of alpha^2 over [gamma_min, gamma_max]."""
   lo = jnp.asarray(schedule.gamma_min, dtype=float)
   hi = jnp.asarray(schedule.gamma_max, dtype=float)
@@ -58,13 +62,13 @@ class TimeSampler:
   importance: bool = False
   antithetic: bool = True
 
-  def uniforms(self, key, batch_size: int):
+  def uniforms(self, key: jax.Array, batch_size: int) -> jax.Array:
     if self.antithetic:
       u0 = jax.random.uniform(key, ())
       return jnp.mod(u0 + jnp.arange(batch_size) / batch_size, 1.0)
     return jax.random.uniform(key, (batch_size,))
 
-  def cdf(self, gamma):
+  def cdf(self, gamma: jax.Array) -> jax.Array:
     """P(Gamma <= gamma)."""
     s = self.schedule
     if not self.importance:
@@ -72,7 +76,7 @@ class TimeSampler:
     f = alpha2_antiderivative(s, gamma) - alpha2_antiderivative(s, jnp.asarray(s.gamma_min))
     return f / alpha2_integral(s)
 
-  def inverse_cdf(self, u):
+  def inverse_cdf(self, u: jax.Array) -> jax.Array:
     """gamma with cdf(gamma) = u, for u in [0, 1]."""
     s = self.schedule
     if not self.importance:
@@ -83,12 +87,13 @@ class TimeSampler:
       return -jnp.log(jnp.expm1(jax.nn.softplus(-jnp.asarray(s.gamma_min)) - u * z))
     return self._bisect(u)
 
-  def _bisect(self, u):
+  def _bisect(self, u: jax.Array) -> jax.Array:
     s = self.schedule
     lo = jnp.full_like(u, s.gamma_min)
     hi = jnp.full_like(u, s.gamma_max)
 
-    def body(_, bounds):
+    def body(_: int | jax.Array, bounds: tuple[jax.Array, jax.Array]
+             ) -> tuple[jax.Array, jax.Array]:
       lo, hi = bounds
       mid = 0.5 * (lo + hi)
       below = self.cdf(mid) < u
@@ -97,21 +102,21 @@ class TimeSampler:
     lo, hi = jax.lax.fori_loop(0, _BISECTION_STEPS, body, (lo, hi))
     return 0.5 * (lo + hi)
 
-  def density(self, gamma):
+  def density(self, gamma: jax.Array) -> jax.Array:
     """p(gamma) on [gamma_min, gamma_max]."""
     s = self.schedule
     if not self.importance:
       return jnp.full_like(jnp.asarray(gamma, dtype=float), 1.0 / s.width)
     return s.alpha(gamma) ** 2 / alpha2_integral(s)
 
-  def sample(self, key, batch_size: int):
+  def sample(self, key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
     """Returns (gamma, weight) of shape (B,), weight = 1 / p(gamma)."""
     gamma = self.inverse_cdf(self.uniforms(key, batch_size))
     gamma = jnp.clip(gamma, self.schedule.gamma_min, self.schedule.gamma_max)
     return gamma, 1.0 / self.density(gamma)
 
 
-def make_time_sampler(config, schedule: Schedule) -> TimeSampler:
+def make_time_sampler(config: ml_collections.ConfigDict, schedule: Schedule) -> TimeSampler:
   importance = bool(config.training.importance_sampling)
   if importance and config.model.parameterization != "velocity":
     raise ValueError("importance sampling over time is defined for the velocity "

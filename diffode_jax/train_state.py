@@ -13,7 +13,8 @@ update averages the gradients of ``grad_accum_steps`` consecutive micro-batches,
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import flax
@@ -25,16 +26,32 @@ from diffode_jax import augmentation, keys
 from diffode_jax.dequantization import TRAIN_DEQUANTIZATIONS
 from diffode_jax.discretization import nats_to_bpd
 
+if TYPE_CHECKING:
+  import ml_collections
+
+  from diffode_jax.losses import LossFn
+  from diffode_jax.model import Components
+
+PyTree: TypeAlias = Any
+
 
 @flax.struct.dataclass
 class TrainState:
-  step: jnp.ndarray  # micro-batches consumed (= optimizer updates * grad_accum_steps)
-  params: Any
-  ema_params: Any
-  opt_state: Any
+  step: jax.Array  # micro-batches consumed (= optimizer updates * grad_accum_steps)
+  params: PyTree
+  ema_params: PyTree
+  opt_state: PyTree
+
+  if TYPE_CHECKING:  # added by flax.struct.dataclass, which mypy does not see
+    def replace(self, **updates: Any) -> TrainState: ...
 
 
-def check_training_config(config_training) -> None:
+# train_step(state, batch_uint8, key) -> (state, metrics)
+TrainStepFn: TypeAlias = Callable[[TrainState, jax.Array, jax.Array],
+                                  tuple[TrainState, dict[str, jax.Array]]]
+
+
+def check_training_config(config_training: ml_collections.ConfigDict) -> None:
   """Raises ValueError for a config.training choice that does not exist."""
   t = config_training  # ranges of single fields: diffode_jax/config_fields.py
   if t.get("weight_decay_mask", "kernels") not in DECAY_MASKS:
@@ -45,7 +62,7 @@ def check_training_config(config_training) -> None:
                      f"of {TRAIN_DEQUANTIZATIONS}")
 
 
-def learning_rate_schedule(config_training):
+def learning_rate_schedule(config_training: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.warmup_constant_schedule(
       init_value=0.0, peak_value=config_training.learning_rate,
       warmup_steps=max(int(config_training.warmup_steps), 1))
@@ -54,21 +71,21 @@ def learning_rate_schedule(config_training):
 DECAY_MASKS = ("kernels", "all_but_biases")
 
 
-def _leaf_name(path):
+def _leaf_name(path: tuple[Any, ...]) -> Any:
   return getattr(path[-1], "key", None)
 
 
-def _decay_mask(params):
+def _decay_mask(params: PyTree) -> PyTree:
   """Weight decay on kernels only (not biases, not GroupNorm scales)."""
   return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) == "kernel", params)
 
 
-def _decay_all_but_biases(params):
+def _decay_all_but_biases(params: PyTree) -> PyTree:
   """The official i-DODE (and VDM) mask: every parameter but biases, GroupNorm scales too."""
   return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) != "bias", params)
 
 
-def make_optimizer(config_training) -> optax.GradientTransformation:
+def make_optimizer(config_training: ml_collections.ConfigDict) -> optax.MultiSteps:
   t = config_training
   mask = {"kernels": _decay_mask, "all_but_biases": _decay_all_but_biases}[
       t.get("weight_decay_mask", "kernels")]
@@ -78,7 +95,8 @@ def make_optimizer(config_training) -> optax.GradientTransformation:
   return optax.MultiSteps(chain, every_k_schedule=max(int(t.grad_accum_steps), 1))
 
 
-def _find_nodes(tree, keys: set, path=()):
+def _find_nodes(tree: Any, keys: set[str], path: tuple[Any, ...] = ()
+                ) -> list[tuple[Any, ...]]:
   """Paths of the dicts of a state dict whose keys are exactly ``keys``."""
   if not isinstance(tree, dict):
     return []
@@ -87,13 +105,13 @@ def _find_nodes(tree, keys: set, path=()):
   return [p for k, v in tree.items() for p in _find_nodes(v, keys, path + (k,))]
 
 
-def _get(tree, path):
+def _get(tree: Any, path: tuple[Any, ...]) -> Any:
   for k in path:
     tree = tree[k]
   return tree
 
 
-def adam_state_of(opt_state_dict) -> dict | None:
+def adam_state_of(opt_state_dict: dict[str, Any]) -> dict[str, Any] | None:
   """{"count", "mu", "nu", "schedule_count"} of the one Adam state in an optimizer state
   dict (``flax.serialization.to_state_dict`` form, any chain or MultiSteps nesting), or
   None if there is not exactly one. ``schedule_count`` is the learning-rate schedule's
@@ -108,7 +126,7 @@ def adam_state_of(opt_state_dict) -> dict | None:
           "schedule_count": schedule}
 
 
-def with_adam_state(opt_state, adam: dict):
+def with_adam_state(opt_state: PyTree, adam: dict[str, Any]) -> PyTree:
   """opt_state of ``make_optimizer`` with the Adam moments and count of ``adam`` (as from
   ``adam_state_of``) and the schedule at ``adam["schedule_count"]`` (at the Adam count
   when None). The accumulation counters and accumulated gradients stay as they are."""
@@ -127,20 +145,22 @@ def with_adam_state(opt_state, adam: dict):
   return flax.serialization.from_state_dict(opt_state, sd)
 
 
-def schedule_count(opt_state):
+def schedule_count(opt_state: PyTree) -> jax.Array | np.ndarray:
   """The learning-rate schedule's step count inside an optimizer state (0 if none)."""
   sd = flax.serialization.to_state_dict(opt_state)
   paths = _find_nodes(sd, {"count"})
   return _get(sd, paths[0])["count"] if paths else np.zeros((), np.int32)
 
 
-def create_train_state(params, optimizer) -> TrainState:
+def create_train_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params),
                     opt_state=optimizer.init(params))
 
 
-def init_state(config, components, optimizer, sharding=None) -> TrainState:
+def init_state(config: ml_collections.ConfigDict, components: Components,
+               optimizer: optax.GradientTransformation,
+               sharding: jax.sharding.Sharding | None = None) -> TrainState:
   """The initial TrainState of a run, computed on one device, then placed with ``sharding``.
 
   Computing it on one device keeps the compiled program the same for every device count
@@ -154,7 +174,7 @@ def init_state(config, components, optimizer, sharding=None) -> TrainState:
   return state if sharding is None else replicate(state, sharding)
 
 
-def ema_decay_at(ema_decay: float, num_updates, warmup: bool):
+def ema_decay_at(ema_decay: float, num_updates: jax.Array | int, warmup: bool) -> jax.Array:
   """EMA decay after num_updates optimizer updates.
 
   With warmup the decay is min(ema_decay, (1 + n) / (10 + n)) (the num_updates rule of
@@ -168,8 +188,8 @@ def ema_decay_at(ema_decay: float, num_updates, warmup: bool):
   return jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
 
 
-def make_train_step(loss_fn, optimizer: optax.MultiSteps, ema_decay: float, dim: int,
-                    augment: bool = False, ema_warmup: bool = True):
+def make_train_step(loss_fn: LossFn, optimizer: optax.MultiSteps, ema_decay: float, dim: int,
+                    augment: bool = False, ema_warmup: bool = True) -> TrainStepFn:
   """train_step(state, batch_uint8, key) -> (state, metrics) for one micro-batch.
 
   The EMA moves only on real updates, with ``ema_decay_at``'s warm-up when ``ema_warmup``.
@@ -180,8 +200,9 @@ def make_train_step(loss_fn, optimizer: optax.MultiSteps, ema_decay: float, dim:
   either way.
   """
 
-  def train_step(state: TrainState, batch, key):
-    kwargs = {}
+  def train_step(state: TrainState, batch: jax.Array, key: jax.Array
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    kwargs: dict[str, jax.Array] = {}
     if augment:
       batch, kwargs["cond"] = augmentation.augment(jax.random.fold_in(key, 1), batch)
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(

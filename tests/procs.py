@@ -97,10 +97,10 @@ def free_port() -> int:
 
 def rows_path(workdir):
   """per_image.jsonl of the evaluation started last (eval/index.json), or None."""
-  from diffode_jax.run import workdir as workdir_lib
+  from diffode_jax.run import eval_rows
 
   try:
-    return workdir_lib.newest_rows_path(os.fspath(workdir))
+    return eval_rows.newest_rows_path(os.fspath(workdir))
   except (OSError, ValueError):  # index.json being replaced
     return None
 
@@ -128,17 +128,11 @@ def losses(workdir) -> dict[int, float]:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  """The committed checkpoint steps: a local step folder is renamed into place when
-  complete; in a bucket a step is committed once its commit_success.txt exists."""
-  from diffode_jax import storage
+  """The committed checkpoint steps of a workdir (the store's own listing)."""
+  from diffode_jax import paths
+  from diffode_jax.checkpoint import committed_steps
 
-  d = storage.join(os.fspath(workdir), "checkpoints")
-  if not storage.isdir(d):
-    return []
-  steps = sorted(int(n) for n in storage.listdir(d) if n.isdigit())
-  if storage.is_remote(d):
-    steps = [s for s in steps if storage.exists(storage.join(d, str(s), "commit_success.txt"))]
-  return steps
+  return committed_steps(paths.checkpoint_dir(os.fspath(workdir)))
 
 
 def load_checkpoint(workdir, step=None) -> dict:

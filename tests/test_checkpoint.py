@@ -1,4 +1,5 @@
-"""checkpoint.py: orbax round trips, step selection, and the restores every mode shares."""
+"""The checkpoint store (checkpoint.py: orbax round trips, step selection, shape checks)
+and the restores built on it (run/restore.py for training, trained.py for evaluation)."""
 
 import os
 
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 
 from diffode_jax import checkpoint, paths
-from diffode_jax.checkpoint import (Checkpointer, load_params, resolve_source,
-                                    restore_ema_params, restore_for_eval, restore_or_init)
+from diffode_jax.checkpoint import Checkpointer, resolve_source
+from diffode_jax.run.restore import load_params, restore_or_init
+from diffode_jax.trained import restore_ema_params, restore_for_eval
 from diffode_jax.config import finalize_config
 from diffode_jax.errors import CheckpointError
 from diffode_jax.model import build

@@ -166,7 +166,7 @@ def test_mock_cifar10_some_rows_are_those_of_the_whole_split():
 
 
 def _check_some_rows(whole, part, rows):
-  assert isinstance(part.images, data.SomeRows) and part.version == whole.version
+  assert isinstance(part.images, data.RowSubset) and part.version == whole.version
   assert part.images.shape == whole.images.shape and len(part.images) == len(whole)
   assert part.images.dtype == whole.images.dtype
   np.testing.assert_array_equal(part.images[np.array(rows)], whole.images[rows])

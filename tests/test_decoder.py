@@ -12,9 +12,18 @@ import pytest
 
 from diffode_jax.data import level_dtype
 from diffode_jax.decoder import (decode_argmax, decode_sample, decoder_log_likelihood,
-                                 decoder_log_probs, window_size)
+                                 window_size)
 from diffode_jax.discretization import bin_centre, to_levels
 from diffode_jax.schedules import Schedule, default_gamma_min
+
+
+def decoder_log_probs(z0, schedule: Schedule, num_levels: int):
+  """log p(j | z_0) for all V levels, from the formula of decoder.py's docstring (no
+  window)."""
+  gamma0 = jnp.asarray(schedule.gamma_min, z0.dtype)
+  scaled, width = z0 / schedule.alpha(gamma0), jnp.exp(gamma0 / 2)
+  centres = bin_centre(jnp.arange(num_levels), num_levels).astype(z0.dtype)
+  return jax.nn.log_softmax(-0.5 * ((scaled[..., None] - centres) / width) ** 2, axis=-1)
 
 
 @pytest.mark.parametrize("levels", [2, 17, 256])

@@ -46,8 +46,8 @@ def workdir(trained_dir, tmp_path):
   return target
 
 
-def _dispatch(config, workdir, mode, capsys, explicit=None):
-  status = cli.dispatch(config, str(workdir), mode, explicit)
+def _dispatch(config, workdir, mode, capsys, command_line_fields=None):
+  status = cli.dispatch(config, str(workdir), mode, command_line_fields)
   captured = capsys.readouterr()
   lines = [l for l in captured.err.splitlines() if l.strip()]
   return status, lines, captured.out
@@ -90,7 +90,7 @@ def test_fields_not_on_the_command_line_come_from_the_workdir(workdir, capsys):
   other = _config()
   other.model.channels = 32
   other.model.schedule = "SP"
-  status, _, _ = _dispatch(other, workdir, "eval_bpd", capsys, explicit=set())
+  status, _, _ = _dispatch(other, workdir, "eval_bpd", capsys, command_line_fields=set())
   assert status == 0
   report = _read(os.path.join(workdir, "eval", "bpd.json"))
   assert report["schedule"] == "VP"

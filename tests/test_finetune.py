@@ -9,7 +9,7 @@ import pytest
 import procs
 from diffode_jax import run
 from diffode_jax.checkpoint import CheckpointError
-from diffode_jax.checkpoint import load_params
+from diffode_jax.run.restore import load_params
 from diffode_jax.config import finalize_config
 from diffode_jax.model import build
 from diffode_jax.train_state import adam_state_of

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import procs
-from diffode_jax.run import workdir as _workdir_lib  # noqa: F401 (imported before the race)
+from diffode_jax.run import eval_rows as _eval_rows  # noqa: F401 (imported before the race)
 
 
 @pytest.mark.subprocess

@@ -9,7 +9,7 @@ import pytest
 
 import procs
 from diffode_jax import run
-from diffode_jax.checkpoint import restore_ema_params
+from diffode_jax.trained import restore_ema_params
 from diffode_jax.config import finalize_config
 from diffode_jax.model import build
 

@@ -136,7 +136,8 @@ sys.path.insert(0, {tests!r})
 import procs
 from diffode_jax import data, keys, parallel
 from diffode_jax.config import eval_settings, finalize_config
-from diffode_jax.likelihood import make_log_prob_fn, place_batch
+from diffode_jax.likelihood import make_log_prob_fn
+from diffode_jax.placement import place_batch
 from diffode_jax.model import build
 config = finalize_config(procs.config(eval__batch_size=8))
 c = build(config)

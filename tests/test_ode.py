@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from diffode_jax import ode
-from diffode_jax.likelihood import (Bound, EvalSettings, LikelihoodError, check_bound,
+from diffode_jax.evaluation import check_bound
+from diffode_jax.likelihood import (Bound, EvalSettings, LikelihoodError,
                                     make_log_prob_fn, prior_log_density)
 from diffode_jax.schedules import Schedule, default_gamma_min
 

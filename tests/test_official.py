@@ -3,7 +3,7 @@
 The fixture (tests/fixtures/official_i_dode/vp_cifar_like, see its README) was written by
 the official model code itself: importing it and evaluating ``Model.drift`` must give what
 the official ``VDM.ode`` returned. Other layouts are checked by writing official-format
-files from this project's own networks (``official.to_official``), since the importer
+files from this project's own networks (``official_names.to_official``), since the importer
 must derive every layout from names and shapes alone.
 """
 
@@ -22,6 +22,7 @@ import diffode_jax as dj
 import procs
 from diffode_jax import cli, official, run
 from diffode_jax.model import build, count_params
+from official_names import layout_of_config, to_official
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
                        "official_i_dode", "vp_cifar_like")
@@ -108,13 +109,13 @@ def test_imported_workdir_holds_the_official_state(imported):
   assert int(saved["step"]) == int(raw["step"])
   layout = official.derive_layout(raw["params"]["score_model"], "fixture")
   for key in ("params", "ema_params"):
-    back = official.to_official(saved[key], layout)
+    back = to_official(saved[key], layout)
     procs.assert_trees_close(back, raw[key]["score_model"], rtol=0, atol=0)
   adam = raw["opt_state"]["0"]
   inner = saved["opt_state"]["inner_opt_state"]
-  procs.assert_trees_close(official.to_official(inner["0"]["mu"], layout),
+  procs.assert_trees_close(to_official(inner["0"]["mu"], layout),
                            adam["mu"]["score_model"], rtol=0, atol=0)
-  procs.assert_trees_close(official.to_official(inner["0"]["nu"], layout),
+  procs.assert_trees_close(to_official(inner["0"]["nu"], layout),
                            adam["nu"]["score_model"], rtol=0, atol=0)
   assert int(inner["0"]["count"]) == int(adam["count"])
   assert int(inner["2"]["count"]) == int(raw["step"])  # the learning rate's step
@@ -188,8 +189,8 @@ def _official_file(path, config, step=7, seed=0):
   draw = lambda: jax.tree.map(
       lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
   params, ema, mu, nu = draw(), draw(), draw(), jax.tree.map(np.abs, draw())
-  layout = official.layout_of_config(config)
-  wrap = lambda p: {"score_model": official.to_official(p, layout)}
+  layout = layout_of_config(config)
+  wrap = lambda p: {"score_model": to_official(p, layout)}
   state = {"step": np.asarray(step), "params": wrap(params), "ema_params": wrap(ema),
            "opt_state": {"0": {"count": np.asarray(step, np.int32), "mu": wrap(mu),
                                "nu": wrap(nu)}, "1": {}, "2": {}}}
@@ -205,7 +206,7 @@ def _official_file(path, config, step=7, seed=0):
     # deeper, no middle attention, no Fourier features, one image channel, a biased
     # time projection and no conditioning input: not released, but derivable
     {"model.num_blocks": 3, "model.attention": False, "model.fourier_features": False,
-     "data.channels": 1, "model.time_proj": "dense", "model.cond_input": "onehot",
+     "data.channels": 1, "model.time_proj": "with_bias", "model.cond_input": "onehot",
      "model.embed_dim": 64},
 ])
 def test_other_layouts_are_derived_from_shapes(tmp_path, fields):
@@ -271,7 +272,7 @@ def test_bad_official_checkpoints(tmp_path, capsys):
     ("model.channels", 64, "model.channels=64 in the config but 32 in the checkpoint"),
     ("model.num_blocks", 3, "model.num_blocks=3 in the config but 2 in the checkpoint"),
     ("model.block_attention", True, "model.block_attention=True in the config but False"),
-    ("model.time_proj", "dense", "model.time_proj='dense' in the config but 'zero_no_bias'"),
+    ("model.time_proj", "with_bias", "model.time_proj='with_bias' in the config but 'zero_no_bias'"),
     ("data.channels", 1, "data.channels=1 in the config but 3 in the checkpoint"),
 ])
 def test_config_mismatch_names_the_field(tmp_path, capsys, field, value, fragment):

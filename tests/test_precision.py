@@ -49,7 +49,7 @@ def test_eval_precision_reaches_the_solve_and_the_sampler(built):
   settings = sample_settings(config)
   assert settings.precision == "highest"
   sample = make_sample_fn(c.drift, c.schedule, c.num_levels, (4, 8, 8, 1), settings)
-  lines = _products(sample.lower(params, key).as_text())
+  lines = _products(sample.solve.lower(params, key).as_text())
   assert lines and all("HIGHEST" in l for l in lines)
 
 

@@ -22,6 +22,7 @@ from diffode_jax import official
 from diffode_jax.config import finalize_config
 from diffode_jax.model import build, count_params
 from diffode_jax.train_state import make_optimizer
+from official_names import layout_of_config, to_official
 
 CONFIGS = ("cifar10_velocity", "cifar10_aug_velocity", "imagenet32_old_velocity",
            "imagenet32_new_velocity")
@@ -77,7 +78,7 @@ def test_tiny_widths_follow_the_official_shapes(name):
   shapes = _shapes(config)
   assert count_params(shapes) == _count_for(config)
   C, E, c = 32, 128, config.data.channels
-  o = official.to_official(shapes, official.layout_of_config(config))
+  o = to_official(shapes, layout_of_config(config))
   def shape(module, leaf="kernel"):
     node = o
     for name in module.split("/"):
@@ -114,7 +115,7 @@ def test_cifar10_network_in_the_native_layout():
   own layout: a bias on
   each of the 67 ResNet time projections (+67 x 128) and no conditioning row in dense0
   (-512). The official layout has 30,578,179."""
-  config = _config("cifar10_velocity", cond_input="onehot", time_proj="dense",
+  config = _config("cifar10_velocity", cond_input="onehot", time_proj="with_bias",
                    time_embedding="native")
   count = count_params(_shapes(config))
   assert count == _count_for(config, time_bias=True, cond_inputs=0) == 30_586_243

@@ -15,7 +15,7 @@ import pytest
 
 import procs
 from diffode_jax.checkpoint import Checkpointer
-from diffode_jax.run.workdir import truncate_metrics
+from diffode_jax.run.metrics import truncate_metrics
 
 NUM_STEPS = 40
 

@@ -22,7 +22,7 @@ import tiny
 from diffode_jax import cli, storage
 from diffode_jax import data as data_lib
 from diffode_jax.errors import CheckpointError, DataError, WorkdirError
-from diffode_jax.run import workdir as workdir_lib
+from diffode_jax.run import eval_rows, metrics
 
 
 def test_files_directories_and_atomic_writes(storage_root):
@@ -82,14 +82,14 @@ def test_json_lines_keep_every_row_once_in_order(storage_root):
 
 def test_metrics_and_tensorboard_rows_once_after_truncation(storage_root):
   workdir = storage_root.root
-  writer = workdir_lib.MetricsWriter(workdir)
+  writer = metrics.MetricsWriter(workdir)
   for step in range(1, 6):
     writer.write({"step": step, "loss": 1.0 / step})
   writer.close()
   assert [r["step"] for r in storage.read_jsonl(storage_root / "metrics.jsonl")] == [1, 2, 3,
                                                                                         4, 5]
-  workdir_lib.truncate_metrics(workdir, 3)  # a run resumed from step 3
-  writer = workdir_lib.MetricsWriter(workdir)
+  metrics.truncate_metrics(workdir, 3)  # a run resumed from step 3
+  writer = metrics.MetricsWriter(workdir)
   writer.write({"step": 4, "loss": 0.4})
   if storage_root.kind == "gs":  # flushed at most every REMOTE_FLUSH_SECONDS ...
     assert len(storage.read_jsonl(storage_root / "metrics.jsonl")) == 3
@@ -103,11 +103,11 @@ def test_metrics_and_tensorboard_rows_once_after_truncation(storage_root):
 def test_per_image_rows_resume_keeps_whole_batches(storage_root):
   header = {"seed": 0}
   rows = [{"index": i, "bpd": float(i)} for i in range(6)]
-  first = workdir_lib.PerImageRows(storage_root.root, "e")
+  first = eval_rows.PerImageRows(storage_root.root, "e")
   assert first.start(header, 6, 2) == 0
   first.add(rows[:2])
   first.add(rows[2:3])  # a batch cut short by a kill
-  resumed = workdir_lib.PerImageRows(storage_root.root, "e")
+  resumed = eval_rows.PerImageRows(storage_root.root, "e")
   assert resumed.start(header, 6, 2) == 1 and resumed.rows == rows[:2]
   resumed.add(rows[2:4])
   resumed.add(rows[4:6])

@@ -21,7 +21,7 @@ import diffode_jax as dj
 import procs
 from diffode_jax import cli, paths, run, storage
 from diffode_jax.checkpoint import Checkpointer
-from diffode_jax.run import workdir as workdir_lib
+from diffode_jax.run import eval_rows
 
 pytestmark = pytest.mark.subprocess
 
@@ -42,7 +42,7 @@ def _kill(proc):
 
 def _per_image_rows(workdir):
   try:
-    path = workdir_lib.newest_rows_path(workdir)
+    path = eval_rows.newest_rows_path(workdir)
     return [] if path is None else storage.read_jsonl(path)[1:]
   except (OSError, ValueError):  # being replaced (local rename)
     return []

@@ -22,6 +22,8 @@ folder's file names and sizes) that reports repeat.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from diffode_jax.data import embedded, image_folder, tfds_sets
 from diffode_jax.data.batching import batch_indices, epoch_permutation, host_batch
 from diffode_jax.data.embedded import DIGITS_TRAIN_SIZE
@@ -29,20 +31,24 @@ from diffode_jax.data.image_folder import is_held_out
 from diffode_jax.data.levels import level_dtype
 import numpy as np
 
-from diffode_jax.data.spec import (DATASETS, ImageData, SomeRows, check_data_config,
-                                   check_images, image_shape)
+from diffode_jax.data.spec import (DATASETS, ImageData, RowSelector, RowSubset,
+                                   check_data_config, check_images, image_shape)
 from diffode_jax.errors import DataError
 
-__all__ = ["DataError", "ImageData", "SomeRows", "DATASETS", "DIGITS_TRAIN_SIZE", "load_split",
+if TYPE_CHECKING:
+  import ml_collections
+
+__all__ = ["DataError", "ImageData", "RowSubset", "DATASETS", "DIGITS_TRAIN_SIZE", "load_split",
            "check_images", "check_data_config", "image_shape", "level_dtype", "host_batch",
            "batch_indices", "epoch_permutation", "is_held_out"]
 
 
-def load_split(config_data, split: str, select=None) -> ImageData:
+def load_split(config_data: ml_collections.ConfigDict, split: str,
+               select: RowSelector | None = None) -> ImageData:
   """Loads one split ('train' or 'test') and checks it against the config.
 
   ``select(n)``, given the split's image count n, may return the sorted distinct row
-  indices to load (None: all): the split's images are then a ``SomeRows`` holding only
+  indices to load (None: all): the split's images are then a ``RowSubset`` holding only
   those, read and decoded alone where the source allows (tfds records are filtered
   before decoding, an image folder reads only those files; the version string is the
   same as a whole load's).
@@ -51,18 +57,19 @@ def load_split(config_data, split: str, select=None) -> ImageData:
   if split not in ("train", "test"):
     raise DataError(f"unknown split {split!r}; expected 'train' or 'test'")
   select = select or (lambda n: None)
+  images: np.ndarray | RowSubset
   if name in embedded.NAMES:
     images, version = embedded.load(name, split)
     rows = select(len(images))
     if rows is not None:
-      images = SomeRows(images[np.asarray(rows, np.int64)], rows, len(images))
+      images = RowSubset(images[np.asarray(rows, np.int64)], rows, len(images))
   elif name in tfds_sets.NAMES:
     images, version = tfds_sets.load(name, config_data, split, select)
   elif name == "image_folder":
     images, version = image_folder.load(config_data, split, select)
   else:
     raise DataError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-  if not isinstance(images, SomeRows):
+  if not isinstance(images, RowSubset):
     check_images(images, config_data, f"{name}/{split}")
   elif images.total == 0:
     raise DataError(f"{name}/{split}: no images")

@@ -17,14 +17,19 @@ from __future__ import annotations
 import hashlib
 import io
 import zlib
+from collections.abc import Iterator
 from concurrent import futures
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from diffode_jax import storage
 from diffode_jax.data.levels import as_levels
-from diffode_jax.data.spec import SomeRows, image_shape, shape_fields
+from diffode_jax.data.spec import RowSelector, RowSubset, image_shape, shape_fields
 from diffode_jax.errors import DataError
+
+if TYPE_CHECKING:
+  import ml_collections
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -72,7 +77,8 @@ def read_image(path: str, contents: bytes | None = None) -> np.ndarray:
   if _png_bit_depth(contents[:26]) == 16:
     return _read_png16(contents, path)
   try:
-    with Image.open(io.BytesIO(contents)) as img:
+    with Image.open(io.BytesIO(contents)) as opened:
+      img: Image.Image = opened
       if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
       elif img.mode == "1":
@@ -93,7 +99,7 @@ def _read_bytes(path: str) -> bytes:
     raise DataError(f"cannot read image {path!r}: {storage.describe(e)}") from None
 
 
-def _read_all(paths: list[str]):
+def _read_all(paths: list[str]) -> Iterator[bytes]:
   """The bytes of every file, in order; a bucket's objects are fetched 16 at a time."""
   if paths and storage.is_remote(paths[0]):
     with futures.ThreadPoolExecutor(16) as pool:
@@ -102,9 +108,10 @@ def _read_all(paths: list[str]):
     yield from map(_read_bytes, paths)
 
 
-def load(config_data, split: str, select=None) -> tuple[np.ndarray, str]:
+def load(config_data: ml_collections.ConfigDict, split: str, select: RowSelector | None = None
+         ) -> tuple[np.ndarray | RowSubset, str]:
   """Images of one split of an image folder, and a version string naming its contents
-  (file names and sizes). With ``select``: a ``SomeRows`` of the files ``select(N)``
+  (file names and sizes). With ``select``: a ``RowSubset`` of the files ``select(N)``
   returns, the only ones read (the others' sizes come from a listing)."""
   root = config_data.folder
   if not root:
@@ -118,7 +125,8 @@ def load(config_data, split: str, select=None) -> tuple[np.ndarray, str]:
     raise DataError(f"image folder {root!r}: {storage.describe(e)}") from None
 
 
-def _load(config_data, root: str, split: str, select=None) -> tuple[np.ndarray, str]:
+def _load(config_data: ml_collections.ConfigDict, root: str, split: str,
+          select: RowSelector | None = None) -> tuple[np.ndarray | RowSubset, str]:
   if not storage.isdir(root):
     raise DataError(f"image folder {root!r} does not exist")
   if storage.isdir(storage.join(root, "train")):
@@ -141,7 +149,7 @@ def _load(config_data, root: str, split: str, select=None) -> tuple[np.ndarray, 
   rows = None if select is None else select(len(files))
   chosen = range(len(files)) if rows is None else [int(r) for r in rows]
   sizes = {} if rows is None else {i: storage.size(paths[i]) for i in range(len(files))}
-  images = None
+  images: np.ndarray | None = None
   for i, (row, contents) in enumerate(zip(chosen, _read_all([paths[r] for r in chosen]))):
     path = paths[row]
     arr = read_image(path, contents)
@@ -163,11 +171,12 @@ def _load(config_data, root: str, split: str, select=None) -> tuple[np.ndarray, 
     fingerprint.update(f"{rel}\0{sizes[i]}\0".encode())
   images, suffix = as_levels(images, config_data, f"image folder {folder!r}", "the files")
   version = f"folder:{len(files)}files:sha1-{fingerprint.hexdigest()[:12]}" + suffix
+  out: np.ndarray | RowSubset = images
   if rows is not None:
-    images = SomeRows(images, rows, len(files))
-  return images, version
+    out = RowSubset(images, rows, len(files))
+  return out, version
 
 
-def _listed_dtype(path: str):
+def _listed_dtype(path: str) -> np.dtype[Any]:
   """The pixel dtype of the first file (for an empty share of a split)."""
   return read_image(path, _read_bytes(path)).dtype

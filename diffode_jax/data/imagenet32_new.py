@@ -28,7 +28,8 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -53,14 +54,15 @@ _ALLOWED = {
 class _ArrayUnpickler(pickle.Unpickler):
   """Unpickles NumPy arrays and containers only."""
 
-  def find_class(self, module, name):
+  def find_class(self, module: str, name: str) -> Any:
     if (module, name) in _ALLOWED:
       return super().find_class(module, name)
     raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an ImageNet-32 batch")
 
 
-def _batch_order(name: str):
+def _batch_order(name: str) -> int:
   match = _BATCH.search(name)
+  assert match is not None  # only called on the names _BATCH matched
   return int(match.group(2)) if match.group(2) else 0
 
 
@@ -114,14 +116,15 @@ class Imagenet32New(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,
     )
 
-  def _split_generators(self, dl_manager):
+  def _split_generators(self, dl_manager: Any
+                        ) -> dict[str, Iterator[tuple[str, dict[str, Any]]]]:
     root = os.fspath(dl_manager.manual_dir)
     return {
         "train": self._generate_examples(os.path.join(root, TRAIN_ZIP)),
         "validation": self._generate_examples(os.path.join(root, VAL_ZIP)),
     }
 
-  def _generate_examples(self, zip_path):
+  def _generate_examples(self, zip_path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     for name, images, labels in read_batches(zip_path):
       for i, (image, label) in enumerate(zip(images, labels)):
         yield f"{name}_{i:06d}", {"image": image, "label": int(label)}

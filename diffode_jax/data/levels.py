@@ -11,12 +11,17 @@ floor(p V / 2^b) (5-bit CIFAR-10: V = 32).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from diffode_jax.errors import DataError
 
+if TYPE_CHECKING:
+  import ml_collections
 
-def level_dtype(num_levels: int):
+
+def level_dtype(num_levels: int) -> type[np.unsignedinteger[Any]]:
   """The smallest unsigned integer type that holds levels 0..V-1 (uint8 up to V = 256)."""
   if num_levels <= 256:
     return np.uint8
@@ -25,7 +30,8 @@ def level_dtype(num_levels: int):
   return np.uint32
 
 
-def as_levels(images: np.ndarray, config_data, what: str, holder: str):
+def as_levels(images: np.ndarray, config_data: ml_collections.ConfigDict, what: str,
+              holder: str) -> tuple[np.ndarray, str]:
   """b-bit unsigned images (b from the dtype) as levels 0..V-1, and a version suffix.
 
   With V = 2^b the values are the levels; with V < 2^b they must already be below V, or
@@ -39,7 +45,8 @@ def as_levels(images: np.ndarray, config_data, what: str, holder: str):
   suffix = f":{bits}bit" if bits != 8 else ""
   if v < full:
     if config_data.reduce_bits:
-      wide = np.uint16 if bits == 8 else np.uint32  # p * V < 2^(2b); not 8x the memory
+      # p * V < 2^(2b); not 8x the memory
+      wide: type[np.unsignedinteger[Any]] = np.uint16 if bits == 8 else np.uint32
       images = images.astype(wide) * wide(v) // full
       suffix += f":reduced-to-{v}"
     elif images.size and int(images.max()) >= v:

@@ -19,11 +19,16 @@ split loads.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from diffode_jax.data.levels import as_levels
-from diffode_jax.data.spec import SomeRows
-from diffode_jax.errors import DataError
+from diffode_jax.data.spec import RowSelector, RowSubset
+from diffode_jax.errors import DataError, described
+
+if TYPE_CHECKING:
+  import ml_collections
 
 BUILDERS = {
     "cifar10": ("cifar10", {"train": "train", "test": "test"}),
@@ -33,8 +38,9 @@ BUILDERS = {
 NAMES = tuple(BUILDERS) + ("tfds",)
 
 
-def load(name: str, config_data, split: str, select=None) -> tuple[np.ndarray, str]:
-  """All images of a tfds split as one array (N, H, W, C) of levels (or a ``SomeRows`` of
+def load(name: str, config_data: ml_collections.ConfigDict, split: str,
+         select: RowSelector | None = None) -> tuple[np.ndarray | RowSubset, str]:
+  """All images of a tfds split as one array (N, H, W, C) of levels (or a ``RowSubset`` of
   the rows ``select(N)`` returns, filtered before their images are decoded), and
   '<builder>:<version>'."""
   import tensorflow_datasets as tfds
@@ -70,9 +76,8 @@ def load(name: str, config_data, split: str, select=None) -> tuple[np.ndarray, s
   except DataError:
     raise
   except Exception as e:  # tfds' many failure types (download, missing files, decoding)
-    first = (str(e).strip().splitlines() or [""])[0][:300]
     raise DataError(f"cannot load tfds data set {builder_name!r} split {splits[split]!r}: "
-                    f"{type(e).__name__}: {first}") from None
+                    f"{described(e)}") from None
   if not total:
     raise DataError(f"tfds data set {builder_name!r} split {splits[split]!r} is empty")
   images = np.concatenate(chunks) if chunks else _no_images(builder.info.features[image_key])
@@ -84,12 +89,13 @@ def load(name: str, config_data, split: str, select=None) -> tuple[np.ndarray, s
   images, suffix = as_levels(images, config_data,
                             f"tfds data set {builder_name!r} split {splits[split]!r}",
                             "the data set")
+  out: np.ndarray | RowSubset = images
   if rows is not None:
-    images = SomeRows(images, rows, total)
-  return images, f"{builder_name}:{builder.info.version}" + suffix
+    out = RowSubset(images, rows, total)
+  return out, f"{builder_name}:{builder.info.version}" + suffix
 
 
-def _num_records(builder, split: str, image_key: str) -> int:
+def _num_records(builder: Any, split: str, image_key: str) -> int:
   """The record count of a split: from the builder's metadata, else the dataset's
   cardinality, else counted without decoding an image."""
   import tensorflow_datasets as tfds
@@ -103,7 +109,7 @@ def _num_records(builder, split: str, image_key: str) -> int:
   return count if count >= 0 else sum(1 for _ in tfds.as_numpy(ds.map(lambda ex: 0)))
 
 
-def _skip(builder, image_key: str):
+def _skip(builder: Any, image_key: str) -> dict[str, Any] | None:
   """tfds decoders that keep an encoded image feature undecoded (None for other features)."""
   import tensorflow_datasets as tfds
 
@@ -112,7 +118,8 @@ def _skip(builder, image_key: str):
   return None
 
 
-def _some_rows(builder, split: str, image_key: str, rows: np.ndarray, total: int) -> list:
+def _some_rows(builder: Any, split: str, image_key: str, rows: np.ndarray, total: int
+               ) -> list[np.ndarray]:
   """The images of the records ``rows`` of a split, in order, as numpy chunks: records are
   filtered by index before their image is decoded (an encoded image feature is read
   without decoding, then decoded for the kept records only)."""
@@ -131,13 +138,13 @@ def _some_rows(builder, split: str, image_key: str, rows: np.ndarray, total: int
   return [np.asarray(b) for b in tfds.as_numpy(ds.batch(1024))]
 
 
-def _no_images(feature) -> np.ndarray:
+def _no_images(feature: Any) -> np.ndarray:
   """An empty (0, H, W, C) array of the feature's dtype (a process holding no rows)."""
   shape = tuple(d or 0 for d in feature.shape)
   return np.zeros((0,) + shape, np.dtype(feature.np_dtype))
 
 
-def _imagenet32_new_builder(config_data):
+def _imagenet32_new_builder(config_data: ml_collections.ConfigDict) -> Any:
   """The prepared imagenet32_new builder; prepares it from data.manual_dir the first time."""
   import tensorflow_datasets as tfds
 

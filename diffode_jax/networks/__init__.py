@@ -1,35 +1,40 @@
 """Backbone networks: (x, gamma) -> raw output, with no diffusion math inside."""
 
-import sys
+from __future__ import annotations
 
-from diffode_jax.errors import ConfigError
+from typing import TYPE_CHECKING, Any
+
+from diffode_jax.errors import ConfigError, warn
 from diffode_jax.networks.unet import (COND_INPUTS, TIME_EMBEDDINGS, TIME_PROJS, UNet,
                                        time_blind_reason)
 
+if TYPE_CHECKING:
+  import ml_collections
+
 # Layout switches added after the first release: configs saved before them lack the
 # fields, and get the layout they were trained with.
-LAYOUT_DEFAULTS = {"block_attention": False, "cond_input": "onehot", "time_proj": "dense",
+SWITCH_DEFAULTS = {"block_attention": False, "cond_input": "onehot", "time_proj": "with_bias",
                    "time_embedding": "native"}
 
 
-def layout(config_model, name: str):
+def switch(config_model: ml_collections.ConfigDict, name: str) -> Any:
   """A layout switch of config.model, with its default for configs that predate it."""
-  return config_model.get(name, LAYOUT_DEFAULTS[name])
+  return config_model.get(name, SWITCH_DEFAULTS[name])
 
 
-def check_network_config(config_model) -> None:
+def check_network_config(config_model: ml_collections.ConfigDict) -> None:
   """Raises ValueError for a layout switch of config.model that does not exist."""
   for name, choices in (("cond_input", COND_INPUTS), ("time_proj", TIME_PROJS),
                         ("time_embedding", TIME_EMBEDDINGS)):
-    value = layout(config_model, name)
+    value = switch(config_model, name)
     if value not in choices:
       raise ValueError(f"unknown model.{name} {value!r}; expected one of {choices}")
-  if not isinstance(layout(config_model, "block_attention"), bool):
+  if not isinstance(switch(config_model, "block_attention"), bool):
     raise ValueError(f"model.block_attention must be True or False, got "
-                     f"{layout(config_model, 'block_attention')!r}")
+                     f"{switch(config_model, 'block_attention')!r}")
 
 
-def check_sees_time(config_model, *, from_scratch: bool) -> None:
+def check_sees_time(config_model: ml_collections.ConfigDict, *, from_scratch: bool) -> None:
   """Refuses to train a U-Net from scratch that cannot see the noise level.
 
   ``from_scratch``: a new network is about to be initialized and trained, so a blind layout
@@ -48,11 +53,10 @@ def check_sees_time(config_model, *, from_scratch: bool) -> None:
   if from_scratch:
     raise ConfigError(reason)
   lacks = reason.rsplit("; ", 1)[0]
-  print(f"warning: {lacks}; the checkpoint fixes this layout, so it is used as it is",
-        file=sys.stderr)
+  warn(f"{lacks}; the checkpoint fixes this layout, so it is used as it is")
 
 
-def make_network(config) -> UNet:
+def make_network(config: ml_collections.ConfigDict) -> UNet:
   """Builds the U-Net described by ``config.model`` (see configs/default.py)."""
   m = config.model
   if m.arch != "unet":
@@ -62,10 +66,10 @@ def make_network(config) -> UNet:
       num_blocks=m.num_blocks,
       embed_dim=m.embed_dim,
       attention=m.attention,
-      block_attention=layout(m, "block_attention"),
-      cond_input=layout(m, "cond_input"),
-      time_proj=layout(m, "time_proj"),
-      time_embedding=layout(m, "time_embedding"),
+      block_attention=switch(m, "block_attention"),
+      cond_input=switch(m, "cond_input"),
+      time_proj=switch(m, "time_proj"),
+      time_embedding=switch(m, "time_embedding"),
       dropout=m.dropout,
       num_groups=m.num_groups,
       fourier_min=m.fourier_min,

@@ -22,7 +22,7 @@ reference configs use so that released checkpoints load exactly:
   vector to the sinusoidal embedding; ``"scalar"`` concatenates one scalar per example
   (B,) to it before the first dense layer (official; 0 unless the training image was
   augmented), so that layer has ``channels + 1`` inputs.
-* ``time_proj``: the ResNet blocks' projection of the time embedding, ``"dense"`` (with
+* ``time_proj``: the ResNet blocks' projection of the time embedding, ``"with_bias"`` (a Dense with
   bias, default initializer) or ``"zero_no_bias"`` (official: no bias, zero-initialized).
 * ``time_embedding``: ``"native"`` or ``"official"`` floating-point order of the
   sinusoidal frequencies. They differ by about 1e-6 relatively, which 1000 * t turns into
@@ -41,6 +41,8 @@ import itertools
 import math
 from typing import Optional
 
+import jax
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -49,10 +51,11 @@ _zeros = nn.initializers.zeros
 
 TIME_EMBEDDINGS = ("native", "official")
 COND_INPUTS = ("onehot", "scalar")
-TIME_PROJS = ("dense", "zero_no_bias")
+TIME_PROJS = ("with_bias", "zero_no_bias")
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0, order: str = "native"):
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,
+                       order: str = "native") -> jax.Array:
   """Sinusoidal embedding of a (B,) array of times (any scale) into (B, dim).
 
   ``order`` "official" computes the frequencies as exp(k * -(log(max_period) / (half - 1)))
@@ -71,7 +74,7 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0, order: str = "n
   return emb
 
 
-def fourier_features(x, n_min: int, n_max: int):
+def fourier_features(x: jax.Array, n_min: int, n_max: int) -> jax.Array:
   """sin and cos of 2^n * 2 pi * x for n in [n_min, n_max], stacked on the channel axis."""
   freqs = 2.0 ** jnp.arange(n_min, n_max + 1) * 2.0 * jnp.pi
   h = (x[..., None] * freqs).reshape(x.shape[:-1] + (-1,))
@@ -117,10 +120,10 @@ class ResnetBlock(nn.Module):
   channels: int
   dropout: float
   num_groups: int
-  time_proj: str = "dense"
+  time_proj: str = "with_bias"
 
   @nn.compact
-  def __call__(self, x, temb, train: bool):
+  def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
     h = nn.swish(nn.GroupNorm(_groups(self.num_groups, x.shape[-1]))(x))
     h = nn.Conv(self.channels, (3, 3))(h)
     if self.time_proj == "zero_no_bias":
@@ -144,7 +147,7 @@ class AttentionBlock(nn.Module):
   num_groups: int
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     h = nn.GroupNorm(_groups(self.num_groups, c))(x).reshape(b, hgt * wid, c)
     q, k, v = (nn.Dense(c)(h) for _ in range(3))
@@ -167,7 +170,7 @@ class UNet(nn.Module):
   attention: bool = True
   block_attention: bool = False
   cond_input: str = "onehot"
-  time_proj: str = "dense"
+  time_proj: str = "with_bias"
   time_embedding: str = "native"
   dropout: float = 0.1
   num_groups: int = 32
@@ -180,7 +183,8 @@ class UNet(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x, gamma, train: bool = False, cond: Optional[jnp.ndarray] = None):
+  def __call__(self, x: jax.Array, gamma: jax.Array | float, train: bool = False,
+               cond: Optional[jax.Array] = None) -> jax.Array:
     batch = x.shape[0]
     gamma = jnp.broadcast_to(jnp.asarray(gamma, x.dtype), (batch,))
     t = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import signal
 import sys
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import jax
 
+if TYPE_CHECKING:
+  from tqdm import tqdm
 
-def progress(total: int, initial: int, desc: str):
+
+def progress(total: int, initial: int, desc: str) -> tqdm:
   """A tqdm bar on stderr, shown by process 0 only."""
   from tqdm import tqdm  # a dependency of tensorflow-datasets; progress bars only
 
@@ -26,16 +31,16 @@ class StopSignal:
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.requested = False
-    self._old = {}
+    self._old: dict[signal.Signals, Any] = {}
     for sig in self.SIGNALS:
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread
         pass
 
-  def _handle(self, signum, frame):
+  def _handle(self, signum: int, frame: FrameType | None) -> None:
     del frame
     if self.requested and signum == signal.SIGINT:
       self.restore()
@@ -45,7 +50,7 @@ class StopSignal:
       print("\nstopping: saving a checkpoint at the next step (Ctrl-C again to stop now)",
             file=sys.stderr)
 
-  def restore(self):
+  def restore(self) -> None:
     for sig, old in self._old.items():
       signal.signal(sig, old)
     self._old = {}

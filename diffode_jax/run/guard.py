@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -23,7 +24,7 @@ MIN_HISTORY = 3
 
 class DivergenceGuard:
 
-  def __init__(self, factor: float, history=()):
+  def __init__(self, factor: float, history: Iterable[object] = ()) -> None:
     self.factor = float(factor)
     self.recent = collections.deque(
         (float(v) for v in history if isinstance(v, (int, float)) and math.isfinite(v)),

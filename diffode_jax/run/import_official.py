@@ -5,16 +5,21 @@ import.json (what was imported, and the layout read from the checkpoint's shapes
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 from diffode_jax import official, paths, storage
-from diffode_jax.checkpoint import Checkpointer, checkpoint_dir
+from diffode_jax.checkpoint import Checkpointer, checkpoint_dir, committed_steps
 from diffode_jax.errors import CheckpointError, ConfigError
 from diffode_jax.model import build, count_params
 from diffode_jax.networks import check_sees_time
 from diffode_jax.run import workdir as workdir_lib
 
+if TYPE_CHECKING:
+  import ml_collections
 
-def import_checkpoint(config, workdir: str, path: str) -> dict:
+
+def import_checkpoint(config: ml_collections.ConfigDict, workdir: str, path: str | None
+                      ) -> dict[str, Any]:
   """Writes workdir (config.json, checkpoints/<official step>, import.json) from an
   official checkpoint; returns what import.json holds. Everything is read and checked
   before the first file is written, and an existing checkpoint is never overwritten."""
@@ -26,7 +31,7 @@ def import_checkpoint(config, workdir: str, path: str) -> dict:
   directory = checkpoint_dir(workdir)
   # Only committed steps count: an import killed during its save leaves an orbax temporary
   # folder, which the Checkpointer below removes before saving again.
-  if workdir_lib.has_checkpoint(workdir):
+  if committed_steps(checkpoint_dir(workdir)):
     raise CheckpointError(f"{directory} already holds checkpoints; import into a new workdir")
   file, raw = official.read(path)
   imported = official.convert(raw, config, file)
@@ -50,5 +55,5 @@ def import_checkpoint(config, workdir: str, path: str) -> dict:
                             "gamma_min": config.model.gamma_min,
                             "gamma_max": config.model.gamma_max,
                             "num_levels": config.data.num_levels}}
-  workdir_lib.write_json(storage.join(workdir, "import.json"), report)
+  workdir_lib.write_json(paths.import_report_path(workdir), report)
   return report

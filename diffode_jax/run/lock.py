@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
 import time
+from typing import Any, Literal
 
 from diffode_jax import parallel, storage
-from diffode_jax.errors import WorkdirError
+from diffode_jax.errors import WorkdirError, warn
 
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
@@ -39,21 +39,21 @@ def _alive(pid: int) -> bool:
 class WorkdirLock:
   """Context manager: acquire on enter (WorkdirError if held), release on exit."""
 
-  def __init__(self, path: str, mode: str, enabled: bool = True):
+  def __init__(self, path: str, mode: str, enabled: bool = True) -> None:
     self.path = path
     self.mode = mode
     self.enabled = enabled
     self._stop = threading.Event()
-    self._thread = None
+    self._thread: threading.Thread | None = None
     self._held = False
 
-  def _holder(self):
+  def _holder(self) -> Any:
     try:
       return json.loads(storage.read_text(self.path))
     except (OSError, ValueError):
       return None
 
-  def _stale(self, holder) -> bool:
+  def _stale(self, holder: Any) -> bool:
     if holder is None:
       return True
     try:
@@ -64,7 +64,7 @@ class WorkdirLock:
       return True
     return age > STALE_S
 
-  def acquire(self):
+  def acquire(self) -> WorkdirLock:
     if not self.enabled:
       return self
     directory = storage.dirname(self.path) or "."
@@ -86,8 +86,8 @@ class WorkdirLock:
               f"(pid {h.get('pid')} on {h.get('host')} since {h.get('since')}; lock file "
               f"{self.path}); wait for it to finish, or delete the lock file if that "
               f"process is gone") from None
-        print(f"warning: taking over the stale lock {self.path} of pid "
-              f"{(holder or {}).get('pid')} on {(holder or {}).get('host')}", file=sys.stderr)
+        warn(f"taking over the stale lock {self.path} of pid "
+             f"{(holder or {}).get('pid')} on {(holder or {}).get('host')}")
         try:
           storage.remove(self.path)
         except FileNotFoundError:
@@ -99,14 +99,14 @@ class WorkdirLock:
       return self
     raise WorkdirError(f"could not take the lock {self.path}: another run took it first")
 
-  def _beat(self):
+  def _beat(self) -> None:
     while not self._stop.wait(HEARTBEAT_S):
       try:
         storage.refresh(self.path)
       except OSError:
         return
 
-  def release(self):
+  def release(self) -> None:
     self._stop.set()
     if self._held:
       self._held = False
@@ -120,14 +120,14 @@ class WorkdirLock:
       except OSError:
         break
 
-  def keep_directories(self):
+  def keep_directories(self) -> None:
     """The run got going: folders created for the lock stay."""
     self._created = []
 
-  def __enter__(self):
+  def __enter__(self) -> WorkdirLock:
     return self.acquire()
 
-  def __exit__(self, *exc):
+  def __exit__(self, *exc: object) -> Literal[False]:
     self.release()
     return False
 

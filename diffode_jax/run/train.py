@@ -4,31 +4,40 @@ and, every ``training.eval_every`` steps, the test bits/dim of the EMA params.""
 from __future__ import annotations
 
 import math
-import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from diffode_jax import data as data_lib
 from diffode_jax import keys, parallel, paths, precision, storage
-from diffode_jax.checkpoint import Checkpointer, restore_or_init
+from diffode_jax.checkpoint import Checkpointer, committed_steps
+from diffode_jax.run.restore import restore_or_init
 from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
-from diffode_jax.errors import ConfigError, DataError, TrainingError
-from diffode_jax.likelihood import evaluate_batches, make_log_prob_fn, summarize
-from diffode_jax.model import build
+from diffode_jax.errors import ConfigError, DataError, TrainingError, warn
+from diffode_jax.evaluation import evaluate_batches
+from diffode_jax.likelihood import make_log_prob_fn
+from diffode_jax.report import summarize
+from diffode_jax.data.spec import ImageData
+from diffode_jax.model import Components, build
 from diffode_jax.networks import check_sees_time
+from diffode_jax.run import metrics as metrics_lib
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.console import StopSignal, progress
 from diffode_jax.run.guard import DivergenceGuard
 from diffode_jax.run.lock import WorkdirLock, acquire_on_chief
-from diffode_jax.train_state import (learning_rate_schedule, make_optimizer, make_train_step,
+from diffode_jax.train_state import (TrainState, learning_rate_schedule, make_optimizer, make_train_step,
                                      schedule_count)
 
 
-def train(config, workdir: str, explicit=None) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          command_line_fields: set[str] | None = None) -> dict:
   """Trains (or resumes) in workdir; returns the last logged metrics.
 
   Everything bad input can break (config values, device count, data, checkpoint
@@ -37,7 +46,7 @@ def train(config, workdir: str, explicit=None) -> dict:
   checkpoint (a damaged one is moved aside with a warning): batches and keys are
   functions of the step, so the continuation equals an uninterrupted run; metrics.jsonl
   rows after the restored step are dropped. A resumed run takes what defines its model
-  and data from the workdir's config.json; ``explicit`` (the dotted fields set on the
+  and data from the workdir's config.json; ``command_line_fields`` (the dotted fields set on the
   command line; None: all of them) may not contradict it (``config.reconcile_with_workdir``).
   ``training.init_from`` starts a new run (step 0, fresh optimizer, no EMA warm-up) from
   another run's params and EMA params; an existing checkpoint in workdir takes precedence.
@@ -46,21 +55,22 @@ def train(config, workdir: str, explicit=None) -> dict:
   """
   stop = StopSignal()  # from the start: a SIGTERM during start-up is a request to stop too
   try:
-    return _train(config, workdir, explicit, stop)
+    return _train(config, workdir, command_line_fields, stop)
   finally:
     stop.restore()
 
 
-def _train(config, workdir, explicit, stop) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           command_line_fields: set[str] | None, stop: StopSignal) -> dict:
   config = finalize_config(config)
   if config.model.arch == "oracle":
     raise ConfigError("model.arch='oracle' is closed-form and has nothing to train; "
                       "use --mode=eval_bpd or --mode=sample")
   workdir_lib.check_writable(workdir)
   saved = workdir_lib.saved_config(workdir)  # refuses to overwrite a garbage config.json
-  resuming = saved is not None and workdir_lib.has_checkpoint(workdir)
+  resuming = saved is not None and bool(committed_steps(paths.checkpoint_dir(workdir)))
   if resuming:
-    config = finalize_config(reconcile_with_workdir(config, saved, explicit, resume=True))
+    config = finalize_config(reconcile_with_workdir(config, saved, command_line_fields, resume=True))
   # A resumed run or a fine-tune keeps the layout its checkpoint fixes.
   check_sees_time(config.model, from_scratch=not resuming and not config.training.init_from)
   t = config.training
@@ -69,22 +79,23 @@ def _train(config, workdir, explicit, stop) -> dict:
                                     "diffode_jax: data train prepared", (DataError,))
   components = build(config)
   is_chief = jax.process_index() == 0
-  lock = WorkdirLock(storage.join(workdir, ".train.lock"), "train", enabled=is_chief)
+  lock = WorkdirLock(paths.train_lock_path(workdir), "train", enabled=is_chief)
   acquire_on_chief(lock)
   try:
-    return _train_locked(config, workdir, components, train_data, lock, stop)
+    return _restore_and_train(config, workdir, components, train_data, lock, stop)
   finally:
     lock.release()
 
 
-def _stop_before_first_step(stop) -> bool:
+def _stop_before_first_step(stop: StopSignal) -> bool:
   """Whether a stop was requested on any process before the first step (all agree)."""
   if jax.process_count() == 1:
     return stop.requested
   return parallel.on_any_process(stop.requested)
 
 
-def _train_locked(config, workdir, components, train_data, lock, stop) -> dict:
+def _restore_and_train(config: ml_collections.ConfigDict, workdir: str, components: Components,
+                       train_data: ImageData, lock: WorkdirLock, stop: StopSignal) -> dict:
   t = config.training
   mesh = parallel.make_mesh()
   replicated = parallel.replicated_sharding(mesh)
@@ -120,28 +131,29 @@ def _train_locked(config, workdir, components, train_data, lock, stop) -> dict:
     raise
 
 
-def _stopped_at_start(step) -> dict:
+def _stopped_at_start(step: int) -> dict:
   message = (f"stopped by signal before the first step (at step {step}); nothing was "
              f"trained, so nothing was saved")
-  logging.warning(message)
-  print(message, file=sys.stderr)
+  warn(message, prefix="")
   return {"step": step, "stopped_at_start": True}
 
 
-def _run_steps(config, workdir, components, train_data, lock, stop, state, resumed, step,
-               total, created, mesh, optimizer) -> dict:
+def _run_steps(config: ml_collections.ConfigDict, workdir: str, components: Components,
+               train_data: ImageData, lock: WorkdirLock, stop: StopSignal, state: TrainState,
+               resumed: bool, step: int, total: int, created: workdir_lib.NewEntries,
+               mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation) -> dict:
   t = config.training
   replicated = parallel.replicated_sharding(mesh)
   is_chief = jax.process_index() == 0
   periodic_eval = make_periodic_eval(config, components) if t.eval_every and is_chief else None
   workdir_lib.ensure(workdir, subdirs=("checkpoints",))
-  history = workdir_lib.logged_losses(workdir, step) if resumed else {}
+  history = metrics_lib.logged_losses(workdir, step) if resumed else {}
   ckpt = Checkpointer(paths.checkpoint_dir(workdir), keep=t.keep_checkpoints, owner=True,
                       losses=_losses_at_checkpoints(history, workdir))
   guard = DivergenceGuard(t.divergence_factor, history.values())
   if is_chief:
     workdir_lib.write_json(paths.config_path(workdir), config.to_dict())
-    workdir_lib.truncate_metrics(workdir, step if resumed else 0)
+    metrics_lib.truncate_metrics(workdir, step if resumed else 0)
 
   # A fine-tune keeps its source's EMA: no EMA warm-up, which would mostly forget it.
   ema_warmup = bool(t.ema_warmup) and not t.init_from
@@ -151,7 +163,7 @@ def _run_steps(config, workdir, components, train_data, lock, stop, state, resum
       donate_argnums=0, out_shardings=replicated)
   train_key = keys.root_key(config, "train")
   lr_schedule = learning_rate_schedule(t)
-  writer = workdir_lib.MetricsWriter(workdir, bool(t.tensorboard)) if is_chief else None
+  writer = metrics_lib.MetricsWriter(workdir, bool(t.tensorboard)) if is_chief else None
   last_saved = step if resumed else None
   last_loss = history.get(step) if resumed else None
   pending, last_row = [], {}
@@ -186,7 +198,8 @@ def _run_steps(config, workdir, components, train_data, lock, stop, state, resum
         eval_row = periodic_eval(parallel.local_copy(state.ema_params), step)
         bar.write(f"step {step}: test {eval_row['test_bpd']:.4f} +- "
                   f"{eval_row['test_bpd_stderr']:.4f} bits/dim")
-        writer.write(eval_row)
+        if writer:
+          writer.write(eval_row)
         last_row = {**last_row, **eval_row} if last_row.get("step") == step else last_row
       # One process alone must not stop (the others would wait for it in a collective):
       # with several processes the signal is agreed on at log steps.
@@ -208,9 +221,7 @@ def _run_steps(config, workdir, components, train_data, lock, stop, state, resum
           created.keep()
           lock.keep_directories()
         if stopping:
-          logging.warning("stopped by signal at step %d after saving a checkpoint", step)
-          print(f"stopped by signal at step {step} after saving a checkpoint",
-                file=sys.stderr)
+          warn(f"stopped by signal at step {step} after saving a checkpoint", prefix="")
           break
   finally:
     bar.close()
@@ -224,14 +235,15 @@ def _losses_at_checkpoints(history: dict, workdir: str) -> dict:
   """step -> loss of the last row logged at or before it, for the saved checkpoints."""
   steps = sorted(history)
   out = {}
-  for s in workdir_lib.checkpoint_steps(workdir):
+  for s in committed_steps(paths.checkpoint_dir(workdir)):
     before = [h for h in steps if h <= s]
     if before:
       out[s] = history[before[-1]]
   return out
 
 
-def make_periodic_eval(config, components):
+def make_periodic_eval(config: ml_collections.ConfigDict, components: Components
+                       ) -> Callable[[Any, int], dict]:
   """eval_fn(ema_params, step) -> metrics row with the test bits/dim of the first
   ``training.eval_images`` images of eval.split.
 
@@ -265,7 +277,7 @@ def _all_finite(tree):
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _describe(last_saved) -> str:
+def _describe(last_saved: int | None) -> str:
   return "none saved yet" if last_saved is None else f"step {last_saved}"
 
 
