@@ -1,6 +1,6 @@
 # Two entry points that work on a fresh machine with Python 3.11 and no GPU:
 #   make demo   install, train configs/digits.py, evaluate the 360 test digits
-#   make test   install, run the test suite
+#   make test   install, type-check, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(PY) main.py --config=configs/digits.py --workdir=$(WORKDIR) --mode=eval_bpd
 
 test: $(STAMP)
+	$(PY) -m mypy  # the type checker, on diffode_jax/ (mypy.ini)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
 clean:
