@@ -74,7 +74,7 @@ def get_config():
   training.grad_accum_steps = 1  # micro-batches per update (optax.MultiSteps)
   training.importance_sampling = True  # gamma ~ alpha^2 (velocity only)
   training.antithetic_time = True  # stratified time draws across the batch
-  training.dequantization = "none"  # none | uniform | tn (data fed to the forward diffusion)
+  training.dequantization = "none"  # none | u | tn (data fed to the forward diffusion)
   training.log_every = 100  # steps between metrics.jsonl / TensorBoard rows
   training.tensorboard = True  # also write TensorBoard events (imports TensorFlow, ~5 s)
   training.checkpoint_every = 5000  # steps between checkpoints

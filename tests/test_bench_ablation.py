@@ -49,11 +49,11 @@ def test_cache_is_keyed_by_budget_and_table_marks_missing_cells(tmp_path, monkey
   more_evals = dict(budgets["digits"], evals=ablation.ALL_EVALS[:1])
   assert ablation.load_cached("digits", more_evals, "_quick") == per
   # Results of another network layout are neither resumed nor merged.
-  real_layout = ablation.network_layout
-  monkeypatch.setattr(ablation, "network_layout",
-                      lambda d: dict(real_layout(d), num_groups=32))
+  real_fields = ablation.network_fields
+  monkeypatch.setattr(ablation, "network_fields",
+                      lambda d: dict(real_fields(d), num_groups=32))
   assert ablation.load_cached("digits", budgets["digits"], "_quick") == {}
-  monkeypatch.setattr(ablation, "network_layout", real_layout)
+  monkeypatch.setattr(ablation, "network_fields", real_fields)
 
   ablation.write_table(budgets, "_quick")
   table = (tmp_path / "ablation_quick.md").read_text()
