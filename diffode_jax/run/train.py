@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from diffode_jax import data as data_lib
 from diffode_jax import keys, parallel, paths, precision, storage
@@ -110,7 +109,8 @@ def _restore_and_train(config: ml_collections.ConfigDict, workdir: str, componen
                       f"checkpoint ({step // accum} updates): nothing to train; raise "
                       f"num_steps to continue")
   if resumed and step == total:
-    logging.warning("the latest checkpoint is at training.num_steps=%d already", t.num_steps)
+    warn(f"the latest checkpoint is at training.num_steps={t.num_steps} already: nothing to "
+         "train")
     return {"step": step, "nothing_to_do": True}
   parallel.sync("diffode_jax: checkpoints read")  # before any process creates checkpoints/
   if _stop_before_first_step(stop):
