@@ -96,6 +96,8 @@ def get_config():
   evaluation.rtol = ode.DEFAULT_RTOL  # relative tolerance of the adaptive solver (1e-5)
   evaluation.atol = ode.DEFAULT_ATOL  # absolute tolerance (1e-5)
   evaluation.max_steps = ode.DEFAULT_MAX_STEPS  # solver steps before it gives up (reported as an error)
+  evaluation.norm = ode.DEFAULT_NORM  # error norm of the step-size control: rms (whole batch) | image_max | leaf_max | image_leaf_max (ode.error_norm)
+  evaluation.time = ode.DEFAULT_TIME  # variable the ODE is integrated in: gamma | sigma | angle | rho7 (ode.TIME_VARIABLES; same solution, other steps)
   evaluation.batch_size = 128  # images per ODE solve
   evaluation.num_images = ml_collections.config_dict.placeholder(int)  # None: the whole split
   evaluation.gamma_u = ml_collections.config_dict.placeholder(float)  # u start; None: schedules.default_gamma_u(V) = -11.8 + 2 log(256/V)
@@ -110,4 +112,6 @@ def get_config():
   sample.rtol = ode.DEFAULT_RTOL  # relative tolerance of the sampling ODE
   sample.atol = ode.DEFAULT_ATOL  # absolute tolerance
   sample.max_steps = ode.DEFAULT_MAX_STEPS  # solver steps before sampling gives up (reported as an error)
+  sample.norm = ode.DEFAULT_NORM  # error norm of the sampling solve (as eval.norm)
+  sample.time = ode.DEFAULT_TIME  # time variable of the sampling solve (as eval.time)
   return config

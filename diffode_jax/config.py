@@ -35,7 +35,9 @@ EVAL_OVERRIDES = ("dequantization", "num_importance", "analytic_entropy", "diver
 ADDED_FIELDS = {("model", "remat"): False,
                 ("training", "precision"): precision.DEFAULT_TRAIN_PRECISION,
                 ("eval", "precision"): precision.DEFAULT_EVAL_PRECISION,
-                ("eval", "exact_trace_chunk"): None}
+                ("eval", "exact_trace_chunk"): None,
+                ("eval", "norm"): ode.DEFAULT_NORM, ("eval", "time"): ode.DEFAULT_TIME,
+                ("sample", "norm"): ode.DEFAULT_NORM, ("sample", "time"): ode.DEFAULT_TIME}
 # Values renamed since: a config.json written before holds the old name, read as the new.
 RENAMED_VALUES = {("training", "dequantization"): {"uniform": "u"},
                   ("model", "time_proj"): {"dense": "with_bias"}}
@@ -168,7 +170,8 @@ def eval_settings(config: ml_collections.ConfigDict, **overrides: Any) -> EvalSe
   """
   e = config.eval
   solver_fields = {f.name for f in dataclasses.fields(ode.SolverConfig)}
-  solver_kw = {"solver": e.solver, "rtol": e.rtol, "atol": e.atol, "max_steps": e.max_steps}
+  solver_kw = {"solver": e.solver, "rtol": e.rtol, "atol": e.atol, "max_steps": e.max_steps,
+               "norm": e.norm, "time": e.time}
   solver_kw.update({k: v for k, v in overrides.items() if k in solver_fields})
   rest = {k: v for k, v in overrides.items() if k not in solver_fields}
   unknown = set(rest) - set(EVAL_OVERRIDES)

@@ -20,7 +20,7 @@ from diffode_jax.data.spec import DATASETS
 from diffode_jax.dequantization import EVAL_DEQUANTIZATIONS, TRAIN_DEQUANTIZATIONS
 from diffode_jax.errors import ConfigError
 from diffode_jax.networks.unet import COND_INPUTS, TIME_EMBEDDINGS, TIME_PROJS
-from diffode_jax.ode import DIVERGENCES, SOLVERS
+from diffode_jax.ode import DIVERGENCES, NORMS, SOLVERS, TIMES
 from diffode_jax.parameterization import PARAMETERIZATIONS
 from diffode_jax.precision import PRECISIONS
 from diffode_jax.sampling import DECODES
@@ -210,6 +210,8 @@ FIELDS: dict[str, Rule] = {
     "eval.rtol": TOLERANCE,
     "eval.atol": TOLERANCE,
     "eval.max_steps": Int(1),
+    "eval.norm": Choice(NORMS),
+    "eval.time": Choice(TIMES),
     "eval.batch_size": Int(1),
     "eval.num_images": Int(1, optional="the whole split"),
     "eval.gamma_u": Real(optional="default_gamma_u(V)"),
@@ -225,6 +227,8 @@ FIELDS: dict[str, Rule] = {
     "sample.rtol": POSITIVE,
     "sample.atol": POSITIVE,
     "sample.max_steps": Int(1),
+    "sample.norm": Choice(NORMS),
+    "sample.time": Choice(TIMES),
 }
 
 

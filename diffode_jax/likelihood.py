@@ -19,7 +19,7 @@ sequence and one NFE for the batch, as on one device. The noise is drawn inside 
 solve for the batch's global shape (partitionable threefry: the same numbers under any
 sharding). A batch whose size is not a multiple of the device count is padded with
 copies of its last row (``placement.place_batch``); the padding rows take no part in the
-error norm (``ode.rows_rms_norm``) and are dropped from the results. On one device
+error norm (``ode.error_norm``) and are dropped from the results. On one device
 nothing of this applies and the computation is the one-device program.
 
 Solver backends (``BACKENDS``): the diffrax solvers run on device under ``jax.jit`` and
@@ -37,7 +37,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from diffode_jax import ode, parallel
 from diffode_jax import precision as precision_lib
@@ -45,6 +44,7 @@ from diffode_jax.dequantization import (DEFAULT_EVAL_DEQUANTIZATION, EVAL_DEQUAN
                                         dequantize)
 from diffode_jax.discretization import nats_to_bpd
 from diffode_jax.errors import LikelihoodError  # noqa: F401  (re-exported)
+from diffode_jax.errors import warn
 from diffode_jax.schedules import Schedule
 
 PyTree = Any
@@ -210,9 +210,8 @@ def _on_device(parts: _Parts, mesh: jax.sharding.Mesh | None) -> LogProbFn:
     field = ode.augmented_vector_field(lambda x, g: parts.drift(params, x, g), probe,
                                        s.exact_trace_chunk)
     y0 = (z0, jnp.zeros(k.shape[0], jnp.float32))
-    norm = None if num_real is None else ode.rows_rms_norm(num_real)
     (x1, delta), nfe, ok = ode.solve_diffrax(field, y0, deq.gamma0, parts.schedule.gamma_max,
-                                             parts.solver, norm)
+                                             parts.solver, num_real)
     return parts.finish(x1, delta, deq.log_weight), nfe, ok
 
   solve = jax.jit(precision_lib.traced_with(s.precision, solve_one), static_argnums=3,
@@ -239,6 +238,8 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     "dopri5": Backend(_on_device, shards=True),
     "tsit5": Backend(_on_device, shards=True),
+    "bosh3": Backend(_on_device, shards=True),
+    "dopri8": Backend(_on_device, shards=True),
     "scipy_rk45": Backend(_on_host, shards=False),
 }
 assert set(BACKENDS) == set(ode.SOLVERS), "every solver of ode.py needs a backend"
@@ -248,6 +249,20 @@ def is_sharded(mesh: jax.sharding.Mesh | None, settings: EvalSettings) -> bool:
   """Whether a solve with these settings is split over mesh."""
   return (mesh is not None and mesh.size > 1
           and BACKENDS[settings.solver.solver].shards)
+
+
+def draw_noise(settings: EvalSettings, schedule: Schedule, num_levels: int, k: jax.Array,
+               key: jax.Array) -> tuple[Any, jax.Array | None]:
+  """(dequantized start, divergence probe) of one importance sample of the batch k.
+
+  What the solve of ``make_log_prob_fn`` starts from with the sample key ``key`` (the
+  call's key folded with the sample's index): the dequantization (``dequantization.py``:
+  z0, gamma0 and the log-weight) and the Hutchinson probe (None for the exact trace).
+  """
+  k_deq, k_probe = jax.random.split(key)
+  deq = dequantize(settings.dequantization, k_deq, k, schedule, num_levels, settings.gamma_u,
+                   settings.analytic_entropy)
+  return deq, ode.draw_probe(settings.divergence, k_probe, k.shape)
 
 
 def make_log_prob_fn(drift: ParamsDrift, schedule: Schedule, num_levels: int,
@@ -267,21 +282,16 @@ def make_log_prob_fn(drift: ParamsDrift, schedule: Schedule, num_levels: int,
   unbiased estimates of p, but Hutchinson gives unbiased estimates of log p, so
   exp(noisy log p) is biased upward and the K-sample average may overstate the
   likelihood by an amount that grows with the probe variance. Use divergence='exact'
-  (small images) to check; a warning is logged.
+  (small images) to check; a warning is printed and logged (``errors.warn``).
   """
   s = settings
   if s.num_importance > 1 and s.divergence != "exact":
-    logging.warning("num_importance=%d with a %s (Hutchinson) divergence: the "
-                    "importance-weighted bound can be biased upward by the estimator's "
-                    "noise; check with divergence='exact' on small images",
-                    s.num_importance, s.divergence)
+    warn(f"num_importance={s.num_importance} with a {s.divergence} (Hutchinson) divergence: "
+         "the importance-weighted bound can be biased upward by the estimator's noise; "
+         "check with divergence='exact' on small images")
 
   def prepare(k, key):
-    k_deq, k_probe = jax.random.split(key)
-    deq = dequantize(s.dequantization, k_deq, k, schedule, num_levels, s.gamma_u,
-                     s.analytic_entropy)
-    probe = ode.draw_probe(s.divergence, k_probe, k.shape)
-    return deq, probe
+    return draw_noise(settings, schedule, num_levels, k, key)
 
   def finish(x1, delta, log_weight):
     return prior_log_density(x1, schedule) + delta + log_weight

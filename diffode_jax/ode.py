@@ -47,7 +47,21 @@ from diffode_jax.discretization import sum_per_example
 from diffode_jax.schedules import FloatLike, default_gamma_min
 
 DIVERGENCES = ("rademacher", "gaussian", "exact")
-SOLVERS = ("tsit5", "dopri5", "scipy_rk45")
+# Adaptive diffrax solvers: name -> (class, evaluations per step). The count per step is the
+# number of stages that are not reused from the step before (FSAL: first same as last);
+# dt0=None adds one evaluation at the start (the initial step size needs f at t0).
+DIFFRAX_SOLVERS: dict[str, tuple[type[diffrax.AbstractAdaptiveSolver], int]] = {
+    "dopri5": (diffrax.Dopri5, 6),
+    "tsit5": (diffrax.Tsit5, 6),
+    "bosh3": (diffrax.Bosh3, 3),
+    "dopri8": (diffrax.Dopri8, 13),
+}
+SOLVERS = tuple(DIFFRAX_SOLVERS) + ("scipy_rk45",)
+# Error norms of the step-size control (``error_norm``): what "one step is accurate enough"
+# means for a batch of states.
+NORMS = ("rms", "image_max", "leaf_max", "image_leaf_max")
+# Time variables of the integration (``TIME_VARIABLES``): the ODE is solved in s(gamma).
+TIMES = ("gamma", "sigma", "angle", "rho7")
 
 # Library defaults of the likelihood and sampling ODEs; configs/default.py uses these.
 # dopri5 needs fewer evaluations than tsit5 at the same tolerance (bench/eval_speed.py).
@@ -56,6 +70,8 @@ DEFAULT_SOLVER = "dopri5"
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
 DEFAULT_MAX_STEPS = 4096
+DEFAULT_NORM = "rms"
+DEFAULT_TIME = "gamma"
 
 PyTree: TypeAlias = Any
 # drift_fn(x, gamma) -> dx/dgamma for a batch x and a scalar gamma.
@@ -144,10 +160,19 @@ class SolverConfig:
   pcoeff: float = 0.0
   icoeff: float = 1.0
   dcoeff: float = 0.0
+  norm: str = DEFAULT_NORM
+  time: str = DEFAULT_TIME
 
   def __post_init__(self) -> None:
     if self.solver not in SOLVERS:
       raise ValueError(f"unknown solver {self.solver!r}; expected one of {SOLVERS}")
+    if self.norm not in NORMS:
+      raise ValueError(f"unknown error norm {self.norm!r}; expected one of {NORMS}")
+    if self.time not in TIMES:
+      raise ValueError(f"unknown time variable {self.time!r}; expected one of {TIMES}")
+    if self.solver == "scipy_rk45" and (self.norm, self.time) != ("rms", "gamma"):
+      raise ValueError("solver scipy_rk45 (the official host loop) integrates in gamma with "
+                       "scipy's RMS norm: norm='rms' and time='gamma' only")
     for name in ("rtol", "atol"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -183,52 +208,124 @@ def scaled_tolerances(cfg: SolverConfig, gamma0: float) -> SolverConfig:
   return dataclasses.replace(cfg, rtol=cfg.rtol * scale, atol=cfg.atol * scale)
 
 
-def _diffrax_solver(name: str) -> diffrax.AbstractSolver:
-  return {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}[name]()
+def _diffrax_solver(name: str) -> diffrax.AbstractAdaptiveSolver:
+  return DIFFRAX_SOLVERS[name][0]()
 
 
-def rows_rms_norm(num_rows: int) -> Norm:
-  """The RMS norm of diffrax's error control over the first ``num_rows`` rows only.
+def error_norm(kind: str, num_rows: int | None = None) -> Norm:
+  """The error norm ``kind`` of the step-size control over a batch state.
 
-  For a batch padded to a multiple of the device count: the padding rows (after the
-  first num_rows) take no part in the step-size control, so the real rows are solved as
-  they would be without them. Same formula as lineax's ``rms_norm`` (the default norm)
-  restricted to those rows.
+  diffrax divides each component's local error estimate by atol + rtol |y| and accepts
+  the step when the norm of that pytree is at most 1. Every leaf of the state has the
+  batch on its leading axis (x: (B, ...), the log-density change l: (B,)). With e the
+  scaled errors, over the first ``num_rows`` rows only (None: all; the rest are padding
+  of a batch split over devices and take no part in the control):
+
+  * ``rms``: sqrt(mean of e^2) over every component of the batch (diffrax's and scipy's
+    default; the D + 1 components of an image weigh alike, so l counts 1 / (D + 1));
+  * ``image_max``: the largest per-image RMS over that image's components (no image's
+    error is averaged away by the easy ones);
+  * ``leaf_max``: the largest per-leaf RMS over the batch, i.e. max(RMS of x, RMS of l):
+    the log-density change weighs as much as the whole of x;
+  * ``image_leaf_max``: the largest of the per-image, per-leaf RMS values.
   """
+  if kind not in NORMS:
+    raise ValueError(f"unknown error norm {kind!r}; expected one of {NORMS}")
+
+  def per_row(leaf: jax.Array) -> tuple[jax.Array, int]:
+    """(sum of squares per row, components per row) of the real rows."""
+    rows = leaf.shape[0] if num_rows is None else num_rows
+    flat = leaf[:rows].reshape(rows, -1)
+    sq = jnp.einsum("bi,bi->b", flat, flat, precision=jax.lax.Precision.HIGHEST)
+    return sq, flat.shape[1]
 
   def norm(tree: PyTree) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    size = sum(num_rows * math.prod(leaf.shape[1:]) for leaf in leaves)
-    total: jax.Array | float = 0.0
-    for leaf in leaves:
-      keep = (jnp.arange(leaf.shape[0]) < num_rows).reshape((-1,) + (1,) * (leaf.ndim - 1))
-      kept = jnp.where(keep, leaf, 0.0).reshape(-1)
-      total = total + jnp.dot(kept, kept, precision=jax.lax.Precision.HIGHEST)
-    return jnp.sqrt(total) / math.sqrt(size)
+    # the step sizes carry no gradient (and sqrt has none at 0)
+    parts = [per_row(jax.lax.stop_gradient(leaf)) for leaf in jax.tree.leaves(tree)]
+    if kind == "rms":
+      total = sum(sq.sum() for sq, _ in parts)
+      return jnp.sqrt(total / sum(sq.shape[0] * n for sq, n in parts))
+    if kind == "image_max":
+      total = sum(sq for sq, _ in parts)
+      return jnp.sqrt(jnp.max(total) / sum(n for _, n in parts))
+    if kind == "leaf_max":
+      return jnp.sqrt(jnp.max(jnp.stack([sq.sum() / (sq.shape[0] * n) for sq, n in parts])))
+    return jnp.sqrt(jnp.max(jnp.stack([jnp.max(sq) / n for sq, n in parts])))
 
   return norm
 
 
-def solve_diffrax(field: VectorField, y0: PyTree, t0: FloatLike, t1: FloatLike, cfg: SolverConfig,
-                  norm: Norm | None = None) -> tuple[PyTree, jax.Array, jax.Array]:
-  """Integrates field from t0 to t1 on device; returns (y1, nfe, success) as arrays.
+@dataclasses.dataclass(frozen=True)
+class TimeVariable:
+  """A variable s(gamma), increasing in gamma, in which the ODE is integrated.
 
-  nfe counts vector-field evaluations: 6 per attempted step of the 7-stage FSAL solvers
-  plus 1 for the start (checked against a counting callback in the tests). ``norm`` is
-  the error norm of the step-size control (None: diffrax's default RMS norm over the
-  whole state; see ``rows_rms_norm``).
+  dx/ds = dx/dgamma * dgamma/ds, so the solution at each gamma is the same whatever s is;
+  what changes is where an adaptive solver places its steps (the local error of a step
+  depends on how the field varies in s).
   """
-  extra: dict[str, Any] = {} if norm is None else {"norm": norm}
+  of_gamma: Callable[[jax.Array], jax.Array]
+  to_gamma: Callable[[jax.Array], jax.Array]
+  dgamma_ds: Callable[[jax.Array], jax.Array]
+
+
+# s for each name: gamma (the log signal-to-noise ratio, the project's time); sigma =
+# exp(gamma / 2), the noise-to-signal ratio sigma/alpha (EDM's sigma of the variance-exploding
+# form); angle = arctan(sigma / alpha), the angle of (alpha, sigma) on the unit circle (the
+# cosine schedule's time up to a factor pi / 2); rho7 = sigma^(1/7), EDM's step spacing rho = 7.
+TIME_VARIABLES: dict[str, TimeVariable] = {
+    "gamma": TimeVariable(lambda g: g, lambda s: s, jnp.ones_like),
+    "sigma": TimeVariable(lambda g: jnp.exp(0.5 * g), lambda s: 2.0 * jnp.log(s),
+                          lambda s: 2.0 / s),
+    "angle": TimeVariable(lambda g: jnp.arctan(jnp.exp(0.5 * g)),
+                          lambda s: 2.0 * jnp.log(jnp.tan(s)),
+                          lambda s: 4.0 / jnp.sin(2.0 * s)),
+    "rho7": TimeVariable(lambda g: jnp.exp(g / 14.0), lambda s: 14.0 * jnp.log(s),
+                         lambda s: 14.0 / s),
+}
+assert set(TIME_VARIABLES) == set(TIMES)
+
+
+def in_time_variable(field: VectorField, name: str) -> tuple[VectorField, TimeVariable]:
+  """field(gamma, y, args) as a field in the time variable ``name``, and that variable."""
+  var = TIME_VARIABLES[name]
+  if name == "gamma":
+    return field, var
+
+  def field_s(s: jax.Array, y: PyTree, args: Any) -> PyTree:
+    scale = var.dgamma_ds(s)
+    return jax.tree.map(lambda d: d * scale.astype(d.dtype), field(var.to_gamma(s), y, args))
+
+  return field_s, var
+
+
+def solve_diffrax(field: VectorField, y0: PyTree, t0: FloatLike, t1: FloatLike, cfg: SolverConfig,
+                  num_rows: int | None = None) -> tuple[PyTree, jax.Array, jax.Array]:
+  """Integrates field (a field in gamma) from gamma t0 to t1 on device; returns (y1, nfe,
+  success) as arrays.
+
+  The solver, the step-size controller (PID coefficients), the error norm (``error_norm``
+  over the first ``num_rows`` rows of every leaf; None: all) and the time variable
+  (``TIME_VARIABLES``) come from ``cfg``. nfe counts vector-field evaluations: the
+  solver's evaluations per attempted step (``DIFFRAX_SOLVERS``) plus 1 for the start
+  (checked against a counting callback in the tests).
+  """
+  field_s, var = in_time_variable(field, cfg.time)
+  dtype = jax.tree.leaves(y0)[0].dtype
+  s0 = var.of_gamma(jnp.asarray(t0, dtype))
+  s1 = var.of_gamma(jnp.asarray(t1, dtype))
+  # the whole-batch RMS norm is diffrax's own default (lineax's rms_norm)
+  extra: dict[str, Any] = ({} if cfg.norm == "rms" and num_rows is None
+                           else {"norm": error_norm(cfg.norm, num_rows)})
   controller = diffrax.PIDController(rtol=cfg.rtol, atol=cfg.atol, pcoeff=cfg.pcoeff,
                                      icoeff=cfg.icoeff, dcoeff=cfg.dcoeff, **extra)
   sol = diffrax.diffeqsolve(
       # diffrax calls the field with t as a (traced) jax.Array, never a Python number
-      diffrax.ODETerm(field),  # type: ignore[arg-type]
-      _diffrax_solver(cfg.solver), t0=t0, t1=t1, dt0=None, y0=y0,
+      diffrax.ODETerm(field_s),  # type: ignore[arg-type]
+      _diffrax_solver(cfg.solver), t0=s0, t1=s1, dt0=None, y0=y0,
       stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True),
       max_steps=cfg.max_steps, throw=False)
   y1 = jax.tree.map(lambda a: a[-1], sol.ys)
-  nfe = 6 * sol.stats["num_steps"] + 1
+  nfe = DIFFRAX_SOLVERS[cfg.solver][1] * sol.stats["num_steps"] + 1
   return y1, nfe, sol.result == diffrax.RESULTS.successful
 
 

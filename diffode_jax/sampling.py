@@ -80,7 +80,8 @@ def sample_settings(config: ml_collections.ConfigDict) -> SampleSettings:
   choice)."""
   s = config.sample
   return SampleSettings(s.decode, ode.SolverConfig(solver=s.solver, rtol=s.rtol, atol=s.atol,
-                                                   max_steps=s.max_steps),
+                                                   max_steps=s.max_steps, norm=s.norm,
+                                                   time=s.time),
                         config.eval.precision)
 
 

@@ -175,7 +175,7 @@ def test_exact_trace_matches_jacobian():
       ode.draw_probe("sphere", jax.random.PRNGKey(0), x.shape)
 
 
-@pytest.mark.parametrize("solver", ["tsit5", "dopri5"])
+@pytest.mark.parametrize("solver", sorted(ode.DIFFRAX_SOLVERS))
 def test_nfe_formula_counts_every_evaluation(solver):
   count = [0]
 
@@ -288,3 +288,69 @@ def test_chunked_exact_trace_matches_the_one_vmap_trace():
     np.testing.assert_allclose(div, one_vmap, rtol=1e-5)
     temps.append(temp_bytes)
   assert temps[0] < temps[1] < full_bytes / 2, (temps, full_bytes)
+
+
+@pytest.mark.parametrize("solver", sorted(ode.DIFFRAX_SOLVERS))
+@pytest.mark.parametrize("time", ode.TIMES)
+def test_every_solver_and_time_variable_gives_the_closed_form(solver, time):
+  """A change of time variable (and of solver, and of error norm) changes where the steps
+  fall, not the solution: each reaches the Gaussian's exact log-density."""
+  schedule = Schedule("VP", GAMMA0, GAMMA1)
+  with jax.enable_x64(True):
+    x0 = _x0(schedule, 4, 5, jnp.float64)
+    norm = "image_leaf_max" if time == "angle" else "rms"
+    cfg = ode.SolverConfig(solver=solver, rtol=1e-9, atol=1e-9, time=time, norm=norm,
+                           max_steps=20_000)
+    (x1, delta), nfe, ok = _solve(schedule, x0, None, cfg)
+    assert bool(ok) and int(nfe) > 7
+    got = _log_normal(x1, schedule, GAMMA1) + np.asarray(delta)
+  np.testing.assert_allclose(got, _log_normal(x0, schedule, GAMMA0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("time", ode.TIMES)
+def test_time_variables_invert_and_differentiate(time):
+  var = ode.TIME_VARIABLES[time]
+  with jax.enable_x64(True):
+    gamma = jnp.linspace(-14.0, 12.0, 27)
+    s = var.of_gamma(gamma)
+    assert np.all(np.diff(np.asarray(s)) > 0)  # increasing in gamma
+    np.testing.assert_allclose(var.to_gamma(s), gamma, rtol=1e-12, atol=1e-12)
+    h = 1e-6 * np.abs(np.asarray(s))
+    central = (var.to_gamma(s + h) - var.to_gamma(s - h)) / (2 * h)  # central difference
+    np.testing.assert_allclose(var.dgamma_ds(s), central, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_rows", [None, 3])
+def test_error_norms_equal_their_formulas(num_rows):
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((5, 2, 2, 3)).astype(np.float32)
+  l = (10 * rng.standard_normal(5)).astype(np.float32)
+  n = 5 if num_rows is None else num_rows
+  ex, el = x[:n].reshape(n, -1).astype(np.float64), l[:n].astype(np.float64)
+  per_image = np.sqrt(((ex**2).sum(1) + el**2) / (ex.shape[1] + 1))
+  want = {
+      "rms": np.sqrt(((ex**2).sum() + (el**2).sum()) / (n * (ex.shape[1] + 1))),
+      "image_max": per_image.max(),
+      "leaf_max": max(np.sqrt((ex**2).mean()), np.sqrt((el**2).mean())),
+      "image_leaf_max": max(np.sqrt((ex**2).mean(1)).max(), np.abs(el).max()),
+  }
+  assert set(want) == set(ode.NORMS)
+  for kind, value in want.items():
+    got = float(ode.error_norm(kind, num_rows)((jnp.asarray(x), jnp.asarray(l))))
+    np.testing.assert_allclose(got, value, rtol=1e-6, err_msg=kind)
+  # padding rows take no part
+  if num_rows is not None:
+    x2 = x.copy()
+    x2[num_rows:] = 1e6
+    for kind in ode.NORMS:
+      assert float(ode.error_norm(kind, num_rows)((jnp.asarray(x2), jnp.asarray(l)))) == \
+          pytest.approx(want[kind], rel=1e-6)
+
+
+def test_solver_config_rejects_unknown_options():
+  with pytest.raises(ValueError, match="error norm"):
+    ode.SolverConfig(norm="l1")
+  with pytest.raises(ValueError, match="time variable"):
+    ode.SolverConfig(time="t")
+  with pytest.raises(ValueError, match="scipy_rk45"):
+    ode.SolverConfig(solver="scipy_rk45", time="sigma")
