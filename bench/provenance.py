@@ -32,4 +32,4 @@ def network(model_config) -> dict:
 
 def describe(model_config) -> str:
   """One line for a results header: "network: channels 32, num_groups 8, ..."."""
-  return "network: " + ", ".join(f"{k} {v}" for k, v in layout(model_config).items())
+  return "network: " + ", ".join(f"{k} {v}" for k, v in network(model_config).items())
