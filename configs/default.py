@@ -92,7 +92,7 @@ def get_config():
   evaluation.num_importance = 1  # K samples of the importance-weighted bound
   evaluation.analytic_entropy = False  # tn with K = 1: use the entropy of q instead of -log q
   evaluation.divergence = ode.DEFAULT_DIVERGENCE  # rademacher | gaussian | exact
-  evaluation.solver = ode.DEFAULT_SOLVER  # dopri5 | tsit5 (diffrax, on device) | scipy_rk45 (host); dopri5: fewer NFE (bench/eval_speed.py)
+  evaluation.solver = ode.DEFAULT_SOLVER  # dopri5 | tsit5 | bosh3 | dopri8 (diffrax, on device) | scipy_rk45 (host); dopri5: fewer NFE (bench/eval_speed.py)
   evaluation.rtol = ode.DEFAULT_RTOL  # relative tolerance of the adaptive solver (1e-5)
   evaluation.atol = ode.DEFAULT_ATOL  # absolute tolerance (1e-5)
   evaluation.max_steps = ode.DEFAULT_MAX_STEPS  # solver steps before it gives up (reported as an error)
@@ -108,7 +108,7 @@ def get_config():
   sample.num_samples = 64  # images drawn by --mode=sample
   sample.batch_size = 64  # images per ODE solve
   sample.decode = sampling.DEFAULT_DECODE  # argmax (decoder mode) | sample (decoder draw) | round (nearest bin)
-  sample.solver = ode.DEFAULT_SOLVER  # dopri5 | tsit5 (diffrax, on device)
+  sample.solver = ode.DEFAULT_SOLVER  # dopri5 | tsit5 | bosh3 | dopri8 (diffrax, on device)
   sample.rtol = ode.DEFAULT_RTOL  # relative tolerance of the sampling ODE
   sample.atol = ode.DEFAULT_ATOL  # absolute tolerance
   sample.max_steps = ode.DEFAULT_MAX_STEPS  # solver steps before sampling gives up (reported as an error)

@@ -30,6 +30,7 @@ device, each network evaluation jitted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -236,10 +237,7 @@ class Backend:
 
 # eval.solver -> backend; a new diffrax solver in ode.py is a new row here.
 BACKENDS: dict[str, Backend] = {
-    "dopri5": Backend(_on_device, shards=True),
-    "tsit5": Backend(_on_device, shards=True),
-    "bosh3": Backend(_on_device, shards=True),
-    "dopri8": Backend(_on_device, shards=True),
+    **{name: Backend(_on_device, shards=True) for name in ode.DIFFRAX_SOLVERS},
     "scipy_rk45": Backend(_on_host, shards=False),
 }
 assert set(BACKENDS) == set(ode.SOLVERS), "every solver of ode.py needs a backend"
@@ -290,8 +288,7 @@ def make_log_prob_fn(drift: ParamsDrift, schedule: Schedule, num_levels: int,
          "the importance-weighted bound can be biased upward by the estimator's noise; "
          "check with divergence='exact' on small images")
 
-  def prepare(k, key):
-    return draw_noise(settings, schedule, num_levels, k, key)
+  prepare = functools.partial(draw_noise, settings, schedule, num_levels)
 
   def finish(x1, delta, log_weight):
     return prior_log_density(x1, schedule) + delta + log_weight

@@ -25,9 +25,10 @@ Divergence estimators:
   float32 roundoff: XLA:CPU compiles the tangent products differently above and below
   size thresholds, so they are bit for bit equal only for some c (tests/test_ode.py).
 
-Solvers: diffrax's adaptive ``tsit5`` / ``dopri5`` (the default, ``DEFAULT_SOLVER``) with a
-PID controller, jit-compiled, the solve never leaving the device; and ``scipy_rk45``, the
-official code's host loop, for checking numbers against it.
+Solvers: diffrax's adaptive ``dopri5`` (the default, ``DEFAULT_SOLVER``), ``tsit5``, ``bosh3``
+and ``dopri8`` (``DIFFRAX_SOLVERS``) with a PID controller, an error norm (``error_norm``)
+and a time variable (``TIME_VARIABLES``), jit-compiled, the solve never leaving the device;
+and ``scipy_rk45``, the official code's host loop, for checking numbers against it.
 """
 
 from __future__ import annotations

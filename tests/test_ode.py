@@ -246,8 +246,9 @@ def test_library_defaults_are_the_config_defaults():
   e, s = EvalSettings(), SampleSettings()
   for settings, section in ((e, config.eval), (s, config.sample)):
     solver = settings.solver
-    assert (solver.solver, solver.rtol, solver.atol, solver.max_steps) == (
-        section.solver, section.rtol, section.atol, section.max_steps)
+    assert (solver.solver, solver.rtol, solver.atol, solver.max_steps, solver.norm,
+            solver.time) == (section.solver, section.rtol, section.atol, section.max_steps,
+                             section.norm, section.time)
   assert (e.dequantization, e.num_importance, e.analytic_entropy, e.divergence) == (
       config.eval.dequantization, config.eval.num_importance, config.eval.analytic_entropy,
       config.eval.divergence)
@@ -354,3 +355,23 @@ def test_solver_config_rejects_unknown_options():
     ode.SolverConfig(time="t")
   with pytest.raises(ValueError, match="scipy_rk45"):
     ode.SolverConfig(solver="scipy_rk45", time="sigma")
+
+
+def test_norm_and_time_fields_reach_the_solver():
+  """eval.norm / eval.time and sample.norm / sample.time set the solves' SolverConfig;
+  the host loop refuses them (one line)."""
+  from configs import digits
+  from diffode_jax.config import eval_settings, finalize_config
+  from diffode_jax.errors import ConfigError
+  from diffode_jax.sampling import sample_settings
+
+  config = digits.get_config()
+  config.eval.norm, config.eval.time = "image_max", "angle"
+  config.sample.norm, config.sample.time = "leaf_max", "sigma"
+  config = finalize_config(config)
+  solver = eval_settings(config).solver
+  assert (solver.norm, solver.time) == ("image_max", "angle")
+  solver = sample_settings(config).solver
+  assert (solver.norm, solver.time) == ("leaf_max", "sigma")
+  with pytest.raises(ConfigError, match="scipy_rk45"):
+    eval_settings(config, solver="scipy_rk45")
