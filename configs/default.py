@@ -102,6 +102,7 @@ def get_config():
   evaluation.num_images = ml_collections.config_dict.placeholder(int)  # None: the whole split
   evaluation.gamma_u = ml_collections.config_dict.placeholder(float)  # u start; None: schedules.default_gamma_u(V) = -11.8 + 2 log(256/V)
   evaluation.precision = precision.DEFAULT_EVAL_PRECISION  # matmul/conv precision of the likelihood ODE, its divergence and sampling: highest (full float32) | high | default
+  evaluation.reproducibility_check = True  # eval_bpd solves batch 0 again from z0 moved by 1e-7 and reports (warns above 0.01 bits/dim) how far each bound moves (docs/evaluation.md)
   evaluation.exact_trace_chunk = ml_collections.config_dict.placeholder(int)  # divergence=exact: basis tangents per pass (memory ~ chunk); None: all D at once
 
   config.sample = sample = ml_collections.ConfigDict()

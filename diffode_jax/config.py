@@ -37,7 +37,8 @@ ADDED_FIELDS = {("model", "remat"): False,
                 ("eval", "precision"): precision.DEFAULT_EVAL_PRECISION,
                 ("eval", "exact_trace_chunk"): None,
                 ("eval", "norm"): ode.DEFAULT_NORM, ("eval", "time"): ode.DEFAULT_TIME,
-                ("sample", "norm"): ode.DEFAULT_NORM, ("sample", "time"): ode.DEFAULT_TIME}
+                ("sample", "norm"): ode.DEFAULT_NORM, ("sample", "time"): ode.DEFAULT_TIME,
+                ("eval", "reproducibility_check"): True}
 # Values renamed since: a config.json written before holds the old name, read as the new.
 RENAMED_VALUES = {("training", "dequantization"): {"uniform": "u"},
                   ("model", "time_proj"): {"dense": "with_bias"}}

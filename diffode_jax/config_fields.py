@@ -217,6 +217,7 @@ FIELDS: dict[str, Rule] = {
     "eval.gamma_u": Real(optional="default_gamma_u(V)"),
     "eval.precision": Choice(PRECISIONS),
     "eval.exact_trace_chunk": Int(1, optional="all D tangents at once"),
+    "eval.reproducibility_check": Flag(),
     # sample
     "sample.num_samples": Int(1),
     "sample.batch_size": Int(1),

@@ -26,6 +26,9 @@ PyTree = Any
 
 # Part of every reported sde_bpd: keep it.
 SDE_KEY_INDEX = 1 << 20
+# The reproducibility check moves every component of z0 by this much (one float32
+# rounding step of a value of order 1).
+START_PERTURBATION = 1e-7
 
 
 def check_bound(bound: Bound, settings: EvalSettings) -> None:
@@ -42,7 +45,8 @@ def check_bound(bound: Bound, settings: EvalSettings) -> None:
 def evaluate_batches(log_prob_fn: LogProbFn, params: PyTree, images: np.ndarray | RowSubset,
                      batch_size: int, key: jax.Array, settings: EvalSettings, dim: int,
                      sde_fn: Callable[..., np.ndarray] | None = None,
-                     first_batch: int = 0) -> Iterator[list[dict]]:
+                     first_batch: int = 0,
+                     check_fn: LogProbFn | None = None) -> Iterator[list[dict]]:
   """Yields the per-image rows of images[first_batch * batch_size:], one batch at a time.
 
   Batch b uses the key ``fold_in(key, b)``, so a resumed loop (first_batch > 0) draws
@@ -54,6 +58,11 @@ def evaluate_batches(log_prob_fn: LogProbFn, params: PyTree, images: np.ndarray 
   With a log_prob_fn over a mesh of several devices (``likelihood.make_log_prob_fn(..., mesh)``),
   params are replicated over it once, every process runs the loop, each placing only its
   own devices' rows of every batch (``place_batch``), and every process gets every row.
+
+  The reproducibility check: with ``check_fn`` (the same bound with a perturbed start,
+  ``make_log_prob_fn(..., start_perturbation=START_PERTURBATION)``) batch 0 is solved
+  again with it and its rows get ``start_sensitivity_bpd``, how far each bound moved
+  (``report.start_sensitivity`` summarizes it; docs/evaluation.md, Reproducibility).
   """
   mesh = log_prob_fn.mesh
   if mesh is not None:
@@ -69,6 +78,12 @@ def evaluate_batches(log_prob_fn: LogProbFn, params: PyTree, images: np.ndarray 
     bpd = bits_per_dim(bound.log_prob, dim)
     rows = [{"index": lo + i, "log_prob": float(bound.log_prob[i]), "bpd": float(bpd[i]),
              "nfe": float(np.mean(bound.nfe))} for i in range(hi - lo)]
+    if check_fn is not None and b == 0:
+      moved = check_fn(params, k, bkey, num_real)
+      check_bound(moved, settings)
+      change = np.abs(bits_per_dim(moved.log_prob, dim) - bpd)
+      for row, value in zip(rows, change):
+        row["start_sensitivity_bpd"] = float(value)
     if sde_fn is not None:
       sde_key = jax.random.fold_in(bkey, SDE_KEY_INDEX)
       sde = bits_per_dim(-np.asarray(sde_fn(params, k, sde_key, num_real)), dim)

@@ -263,13 +263,31 @@ def draw_noise(settings: EvalSettings, schedule: Schedule, num_levels: int, k: j
   return deq, ode.draw_probe(settings.divergence, k_probe, k.shape)
 
 
+# The key index of the reproducibility check's signs (no K reaches it).
+PERTURBATION_KEY_INDEX = 1 << 21
+
+
+def _perturbed(prepare: Callable[[jax.Array, jax.Array], tuple[Any, jax.Array | None]],
+               size: float, k: jax.Array, key: jax.Array) -> tuple[Any, jax.Array | None]:
+  """prepare's noise with z0 moved by size * (random signs)."""
+  deq, probe = prepare(k, key)
+  signs = jax.random.rademacher(jax.random.fold_in(key, PERTURBATION_KEY_INDEX), deq.z0.shape,
+                                deq.z0.dtype)
+  return deq.replace(z0=deq.z0 + size * signs), probe
+
+
 def make_log_prob_fn(drift: ParamsDrift, schedule: Schedule, num_levels: int,
                      settings: EvalSettings,
-                     mesh: jax.sharding.Mesh | None = None) -> LogProbFn:
+                     mesh: jax.sharding.Mesh | None = None,
+                     start_perturbation: float = 0.0) -> LogProbFn:
   """The bound of an integer batch k: ``fn(params, k, key, num_real=None) -> Bound``.
 
   ``drift(params, x, gamma)`` is the probability-flow drift of a batch at scalar gamma.
   Each of the K samples draws its own dequantization noise and divergence probe.
+  ``start_perturbation`` > 0 moves every component of the start z0 by that amount, with
+  a random sign (key ``fold_in(sample key, PERTURBATION_KEY_INDEX)``), after the noise is
+  drawn: the same bound from a start one rounding step away, for the reproducibility
+  check of ``evaluation.evaluate_batches``.
 
   With a ``mesh`` of several devices (see the module docstring) k must be a global batch
   over it (``placement.place_batch``) whose first ``num_real`` rows are images and the
@@ -289,6 +307,8 @@ def make_log_prob_fn(drift: ParamsDrift, schedule: Schedule, num_levels: int,
          "check with divergence='exact' on small images")
 
   prepare = functools.partial(draw_noise, settings, schedule, num_levels)
+  if start_perturbation:
+    prepare = functools.partial(_perturbed, prepare, float(start_perturbation))
 
   def finish(x1, delta, log_weight):
     return prior_log_density(x1, schedule) + delta + log_weight

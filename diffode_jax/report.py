@@ -48,6 +48,32 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
   return out
 
 
+# A per-image bound that moves by more than this (bits/dim) when its start moves by one
+# rounding step is not reproducible at the evaluation's tolerance: the report warns.
+REPRODUCIBLE_BPD = 0.01
+
+
+def start_sensitivity(rows: Sequence[dict]) -> dict[str, Any] | None:
+  """How far the bounds of the checked rows moved when z0 moved by
+  ``evaluation.START_PERTURBATION`` (median, largest, count), or None if none was checked."""
+  moved = [r["start_sensitivity_bpd"] for r in rows if "start_sensitivity_bpd" in r]
+  if not moved:
+    return None
+  return {"images": len(moved), "median_bpd": float(np.median(moved)),
+          "max_bpd": float(np.max(moved)), "reproducible": bool(np.max(moved) <= REPRODUCIBLE_BPD)}
+
+
+def sensitivity_warning(summary: dict[str, Any] | None, solver: ode.SolverConfig) -> str | None:
+  """The one-line warning of a report whose bounds are not reproducible, else None."""
+  if summary is None or summary["reproducible"]:
+    return None
+  return (f"per-image bounds are not reproducible at rtol={solver.rtol:g}, atol="
+          f"{solver.atol:g}: moving the start by 1e-7 per component moved a bound by up to "
+          f"{summary['max_bpd']:.3g} bits/dim (median {summary['median_bpd']:.2g}, "
+          f"{summary['images']} images); per-image values are uncertain by about that much, "
+          f"tighten eval.rtol/eval.atol (docs/evaluation.md, Reproducibility)")
+
+
 def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What defines the model being evaluated (every report names it)."""
   m = config.model
@@ -79,5 +105,8 @@ def bpd_report(fields: dict[str, Any], rows: Sequence[dict], wall_time_s: float,
   report = dict(fields)
   report.update(extra)
   report.update(summarize(rows))
+  sensitivity = start_sensitivity(rows)
+  if sensitivity is not None:
+    report["start_sensitivity"] = sensitivity
   report["wall_time_s"] = wall_time_s
   return report

@@ -88,6 +88,12 @@ def test_eval_resume_redoes_only_missing_batches(trained, monkeypatch):
   header, rows = _rows(workdir)
   assert first["num_images"] == 48 and len(rows) == 48 and first["checkpoint_step"] == TRAIN_STEPS
   assert [r["index"] for r in rows] == list(range(48))
+  # the reproducibility check (on by default) re-solved batch 0 only, and reports it
+  checked = [r["index"] for r in rows if "start_sensitivity_bpd" in r]
+  assert checked == list(range(16))
+  moved = [r["start_sensitivity_bpd"] for r in rows[:16]]
+  assert first["start_sensitivity"]["images"] == 16
+  assert first["start_sensitivity"]["max_bpd"] == pytest.approx(max(moved))
 
   # A kill while the second batch was being written: one batch and a cut line survive.
   path = procs.rows_path(workdir)
@@ -267,3 +273,59 @@ def test_non_square_images_train_evaluate_and_sample(tmp_path):
   run.sample(config, workdir)
   grid = np.asarray(Image.open(os.path.join(workdir, "samples", "grid.png")))
   assert grid.shape[1] > grid.shape[0]  # two wide images side by side
+
+
+def test_reproducibility_check_is_the_bound_from_a_moved_start(loaded):
+  """evaluate_batches' check: batch 0's rows get |bpd(z0 + 1e-7 v) - bpd(z0)| with v the
+  perturbed LogProbFn's signs, computed here from the two bounds directly."""
+  from diffode_jax.evaluation import START_PERTURBATION, evaluate_batches
+  from diffode_jax.likelihood import make_log_prob_fn
+
+  c = loaded.components
+  settings = loaded.eval_settings()
+  plain = make_log_prob_fn(c.drift, c.schedule, c.num_levels, settings)
+  moved = make_log_prob_fn(c.drift, c.schedule, c.num_levels, settings,
+                           start_perturbation=START_PERTURBATION)
+  images = data.load_split(loaded.config.data, "test").images[:24]
+  key = eval_key(loaded.config)
+  rows = [r for batch in evaluate_batches(plain, loaded.params, images, 16, key, settings,
+                                          c.dim, check_fn=moved) for r in batch]
+  assert [("start_sensitivity_bpd" in r) for r in rows] == [True] * 16 + [False] * 8
+  bkey = jax.random.fold_in(key, 0)
+  a = plain(loaded.params, images[:16], bkey).log_prob
+  b = moved(loaded.params, images[:16], bkey).log_prob
+  want = np.abs(a - b) / (c.dim * math.log(2))
+  np.testing.assert_allclose([r["start_sensitivity_bpd"] for r in rows[:16]], want,
+                             rtol=1e-6, atol=1e-12)
+  assert np.any(want > 0)  # the start did move
+
+
+def test_perturbed_start_moves_every_component_by_the_size():
+  import jax.numpy as jnp
+
+  from diffode_jax.dequantization import Dequantized
+  from diffode_jax.likelihood import _perturbed
+
+  def prepare(k, key):
+    return Dequantized(jnp.zeros((3, 2, 2, 1)), jnp.zeros(3), -7.0), None
+
+  deq, probe = _perturbed(prepare, 1e-7, None, jax.random.PRNGKey(0))
+  assert probe is None and deq.gamma0 == -7.0
+  np.testing.assert_array_equal(np.abs(np.asarray(deq.z0)), np.float32(1e-7))
+  assert len(np.unique(np.sign(np.asarray(deq.z0)))) == 2  # both signs
+
+
+def test_sensitivity_summary_and_warning():
+  from diffode_jax import ode
+  from diffode_jax.report import REPRODUCIBLE_BPD, sensitivity_warning, start_sensitivity
+
+  assert start_sensitivity([{"bpd": 1.0}]) is None
+  rows = [{"start_sensitivity_bpd": v} for v in (1e-4, 3e-4, 2e-3)] + [{"bpd": 1.0}]
+  summary = start_sensitivity(rows)
+  assert summary == {"images": 3, "median_bpd": pytest.approx(3e-4),
+                     "max_bpd": pytest.approx(2e-3), "reproducible": True}
+  assert sensitivity_warning(summary, ode.SolverConfig()) is None
+  rows.append({"start_sensitivity_bpd": 2 * REPRODUCIBLE_BPD})
+  message = sensitivity_warning(start_sensitivity(rows), ode.SolverConfig(rtol=1e-4, atol=1e-4))
+  assert message is not None and "not reproducible at rtol=0.0001" in message
+  assert "\n" not in message

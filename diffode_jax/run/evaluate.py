@@ -25,13 +25,13 @@ from diffode_jax import data as data_lib
 from diffode_jax import keys, parallel, paths, storage
 from diffode_jax.trained import restore_for_eval
 from diffode_jax.config import eval_settings, finalize_config, reconcile_with_workdir
-from diffode_jax.errors import DataError, WorkdirError
+from diffode_jax.errors import DataError, WorkdirError, warn
 from diffode_jax.fingerprint import images_fingerprint, params_fingerprint
-from diffode_jax.evaluation import evaluate_batches
+from diffode_jax.evaluation import START_PERTURBATION, evaluate_batches
 from diffode_jax.likelihood import EvalSettings, LogProbFn, make_log_prob_fn, make_sde_fn
 from diffode_jax.model import Components
 from diffode_jax.placement import process_rows
-from diffode_jax.report import bpd_report, devices_fields, run_fields
+from diffode_jax.report import bpd_report, devices_fields, run_fields, sensitivity_warning
 from diffode_jax.run import eval_rows
 from diffode_jax.run import workdir as workdir_lib
 from diffode_jax.run.console import progress
@@ -118,6 +118,9 @@ def _evaluate_model(config: ml_collections.ConfigDict, workdir: str, components:
   split = _load_eval_split(config, mesh if log_prob.mesh is not None else None)
   images = split.images if e.num_images is None else split.images[:e.num_images]
   sde_fn = make_sde_fn(components.loss_fn, settings, mesh)
+  check_fn = (make_log_prob_fn(components.drift, components.schedule, components.num_levels,
+                               settings, mesh, start_perturbation=START_PERTURBATION)
+              if e.reproducibility_check else None)
   num_devices = mesh.size if log_prob.mesh is not None else 1
 
   fields = run_fields(config, settings, components.schedule, ckpt_step, e.batch_size)
@@ -128,7 +131,7 @@ def _evaluate_model(config: ml_collections.ConfigDict, workdir: str, components:
                  "images_fingerprint": images_fingerprint(images)}
   try:
     return _evaluate_and_write(config, workdir, log_prob, params, images, settings,
-                               components, sde_fn, fields, data_fields, num_devices)
+                               components, sde_fn, fields, data_fields, num_devices, check_fn)
   except OSError as err:  # a full disk or a read-only workdir, on any write of eval/
     raise WorkdirError(f"cannot write the evaluation to {paths.eval_dir(workdir)}: "
                        f"{storage.describe(err)}; the batches written before are kept, "
@@ -139,7 +142,7 @@ def _evaluate_and_write(config: ml_collections.ConfigDict, workdir: str, log_pro
                         params: Any, images: np.ndarray | data_lib.RowSubset,
                         settings: EvalSettings, components: Components,
                         sde_fn: Callable[..., np.ndarray], fields: dict, data_fields: dict,
-                        num_devices: int) -> dict:
+                        num_devices: int, check_fn: LogProbFn | None = None) -> dict:
   e = config.eval
   is_chief = jax.process_index() == 0
   evaluations = eval_rows.Evaluations(workdir)
@@ -155,7 +158,7 @@ def _evaluate_and_write(config: ml_collections.ConfigDict, workdir: str, log_pro
   try:
     for rows in evaluate_batches(log_prob, params, images, e.batch_size,
                                  keys.eval_key(config), settings, components.dim, sde_fn,
-                                 first_batch):
+                                 first_batch, check_fn):
       bar.update(len(rows))
       if per_image is not None:
         per_image.add(rows)
@@ -170,6 +173,9 @@ def _evaluate_and_write(config: ml_collections.ConfigDict, workdir: str, log_pro
                         **data_fields, **devices_fields(num_devices, jax.process_count()))
     evaluations.finish(report)
     report = {**report, "evaluation": evaluations.name}
+    message = sensitivity_warning(report.get("start_sensitivity"), settings.solver)
+    if message:
+      warn(message)
   parallel.sync("diffode_jax: eval written")
   if not is_chief:  # the report process 0 wrote (the workdir is shared)
     report = json.loads(storage.read_text(paths.eval_report_path(workdir)))
