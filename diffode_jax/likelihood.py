@@ -56,6 +56,12 @@ ParamsDrift = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
 SampleFn = Callable[[PyTree, jax.Array, jax.Array, "int | None"], "tuple[np.ndarray, int, bool]"]
 
 
+# The evaluation default, chosen by bench/solver_study.py (docs/evaluation.md, Solver and
+# tolerance): Bogacki-Shampine 3(2) at rtol = atol = 1e-4 reached the official RK45 loop's
+# per-image accuracy at 1e-5 with half its NFE.
+DEFAULT_EVAL_SOLVER = ode.SolverConfig(solver="bosh3", rtol=1e-4, atol=1e-4)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
   """How ``make_log_prob_fn`` bounds log P(k); the defaults are configs/default.py's.
@@ -72,7 +78,7 @@ class EvalSettings:
   num_importance: int = 1
   analytic_entropy: bool = False
   divergence: str = ode.DEFAULT_DIVERGENCE
-  solver: ode.SolverConfig = ode.SolverConfig()
+  solver: ode.SolverConfig = DEFAULT_EVAL_SOLVER
   gamma_u: float | None = None
   precision: str = precision_lib.DEFAULT_EVAL_PRECISION
   exact_trace_chunk: int | None = None

@@ -25,7 +25,7 @@ Divergence estimators:
   float32 roundoff: XLA:CPU compiles the tangent products differently above and below
   size thresholds, so they are bit for bit equal only for some c (tests/test_ode.py).
 
-Solvers: diffrax's adaptive ``dopri5`` (the default, ``DEFAULT_SOLVER``), ``tsit5``, ``bosh3``
+Solvers: diffrax's adaptive ``dopri5`` (``DEFAULT_SOLVER``), ``tsit5``, ``bosh3``
 and ``dopri8`` (``DIFFRAX_SOLVERS``) with a PID controller, an error norm (``error_norm``)
 and a time variable (``TIME_VARIABLES``), jit-compiled, the solve never leaving the device;
 and ``scipy_rk45``, the official code's host loop, for checking numbers against it.
@@ -64,8 +64,8 @@ NORMS = ("rms", "image_max", "leaf_max", "image_leaf_max")
 # Time variables of the integration (``TIME_VARIABLES``): the ODE is solved in s(gamma).
 TIMES = ("gamma", "sigma", "angle", "rho7")
 
-# Library defaults of the likelihood and sampling ODEs; configs/default.py uses these.
-# dopri5 needs fewer evaluations than tsit5 at the same tolerance (bench/eval_speed.py).
+# Defaults of a SolverConfig and of the sampling ODE (configs/default.py uses these; the
+# likelihood's own default is likelihood.DEFAULT_EVAL_SOLVER, from bench/solver_study.py).
 DEFAULT_DIVERGENCE = "rademacher"
 DEFAULT_SOLVER = "dopri5"
 DEFAULT_RTOL = 1e-5

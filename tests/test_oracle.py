@@ -244,9 +244,10 @@ def test_solver_tolerances_scale_with_the_start_noise():
   # sigma_0 / alpha_0 = 1 / (3 V): 16-bit data is 256 times finer than 8-bit
   assert math.isclose(tolerance_scale(default_gamma_min(65536)), 1 / 256, rel_tol=1e-9)
   schedule = Schedule("VP", default_gamma_min(65536), 5.0)
+  tol = EvalSettings().solver.rtol
   tn = effective_solver(EvalSettings(), schedule)
-  assert math.isclose(tn.rtol, 1e-5 / 256) and math.isclose(tn.atol, 1e-5 / 256)
+  assert math.isclose(tn.rtol, tol / 256) and math.isclose(tn.atol, tol / 256)
   u = effective_solver(EvalSettings(dequantization="u", gamma_u=default_gamma_u(65536)),
                        schedule)
-  assert math.isclose(u.rtol, 1e-5 * math.exp((default_gamma_u(65536)
+  assert math.isclose(u.rtol, tol * math.exp((default_gamma_u(65536)
                                                 - default_gamma_min(256)) / 2))
