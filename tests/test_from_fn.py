@@ -310,3 +310,18 @@ def test_bad_images_and_nonfinite_fn_are_one_line_errors():
     _build(nan_fn).bpd(images, key, rtol=1e-3, atol=1e-3, max_steps=64)
   msg = _one_line(err)
   assert "image 2 at t=0.0001" in msg, msg
+
+
+def test_user_written_oracle_samples_are_training_images(train_levels):
+  """Sampling runs the user's path backwards: the oracle's flow ends on its training points
+  (up to a pixel off by one level, as tests/test_oracle.py)."""
+  path = dj.path("straight")
+  train_y = jnp.asarray((2.0 * train_levels.astype(np.float32) + 1.0) / V - 1.0)
+  fn = _user_fn("dx_dt", path["alpha"], path["sigma"], _oracle_x0(train_y))
+  model = dj.from_fn(fn, None, predicts="dx_dt", **path, num_levels=V, data_range=(-1, 1),
+                     image_shape=SHAPE)
+  samples = model.sample(jax.random.PRNGKey(3), 8, batch_size=8)
+  assert samples.dtype == np.uint8 and samples.shape == (8,) + SHAPE
+  flat_train = train_levels.reshape(NUM_TRAIN, -1).astype(int)
+  for s in samples.reshape(8, -1).astype(int):
+    assert np.abs(flat_train - s).sum(axis=1).min() <= 1
