@@ -10,16 +10,19 @@ Python API (see ``api.py``):
     samples = model.sample(key, 16)                # uint8
 
     oracle = dj.oracle(train_images_uint8, config) # closed-form model of a finite set
+    mine = dj.from_fn(fn, params, predicts="x0", **dj.path("edm"), num_levels=256,
+                      data_range=(-1, 1), image_shape=(32, 32, 3))  # docs/own_model.md
 
 Every user-facing error is a ``dj.DiffodeError``. The command line is ``main.py``
 (train / eval_bpd / sample).
 """
 
-from diffode_jax.api import Model, evaluations, load, oracle, read_evaluation
+from diffode_jax.api import Model, evaluations, from_fn, load, oracle, read_evaluation
 from diffode_jax.errors import DiffodeError
 from diffode_jax.keys import eval_key
 from diffode_jax.likelihood import EvalSettings
 from diffode_jax.ode import SolverConfig
+from diffode_jax.own_model import path
 
 __all__ = ["DiffodeError", "EvalSettings", "Model", "SolverConfig", "eval_key", "evaluations",
-           "load", "oracle", "read_evaluation"]
+           "from_fn", "load", "oracle", "path", "read_evaluation"]

@@ -9,6 +9,9 @@
     dx = model.drift(x, gamma)                      # probability-flow dx/dgamma
 
     oracle = dj.oracle(train_images, config)        # closed form of a finite set
+    mine = dj.from_fn(fn, params, predicts="eps", **dj.path("vp_cosine"), num_levels=256,
+                      data_range=(-1, 1), image_shape=(32, 32, 3))  # a user's own model
+    log_prob = model.log_prob_fn()                  # pure (params, images, key) -> nats
 
 Evaluation settings come from the config's ``eval`` section; change them per call with
 keyword overrides (``dequantization="u"``) or a whole ``dj.EvalSettings`` (``settings=``).
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,11 +44,13 @@ from diffode_jax import parallel, paths, storage
 from diffode_jax.trained import restore_for_eval
 from diffode_jax.config import (EvalSettings, eval_settings, finalize_config,
                                 read_workdir_config, sample_settings)
-from diffode_jax.errors import ConfigError, DataError, WorkdirError
+from diffode_jax.differentiable import PureLogProbFn, make_pure_log_prob_fn
+from diffode_jax.errors import ConfigError, DataError, LikelihoodError, WorkdirError
 from diffode_jax.evaluation import evaluate_batches
 from diffode_jax.likelihood import LogProbFn, make_log_prob_fn, make_sde_fn
 from diffode_jax.model import Components, build
 from diffode_jax.fingerprint import images_fingerprint, params_fingerprint
+from diffode_jax.own_model import FnComponents, UserFn
 from diffode_jax.report import bpd_report, devices_fields, run_fields
 from diffode_jax.sampling import draw, make_sample_fn
 
@@ -53,11 +59,12 @@ from diffode_jax.sampling import draw, make_sample_fn
 class Model:
   """A finalized config, its Components and the params to evaluate (EMA for checkpoints).
 
-  ``step`` is the checkpoint step (None for the oracle).
+  ``step`` is the checkpoint step (None for the oracle and a user's fn). A user's model
+  (``from_fn``) has ``FnComponents``: no training loss, so no ``sde_bpd`` in its rows.
   """
 
   config: ml_collections.ConfigDict
-  components: Components
+  components: Components | FnComponents
   params: Any
   step: int | None = None
   _cache: dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
@@ -110,16 +117,33 @@ class Model:
     if log_prob.mesh is not None:
       parallel.check_batch(batch_size, "batch_size", self.mesh.size)
     sde_fn = None
-    if with_sde:
+    if with_sde and c.loss_fn is not None:
       sde_key = ("sde", settings.precision)
       if sde_key not in self._cache:
         self._cache[sde_key] = make_sde_fn(c.loss_fn, settings, self.mesh)
       sde_fn = self._cache[sde_key]
     rows: list[dict[str, Any]] = []
-    for batch_rows in evaluate_batches(log_prob, self.params, images, batch_size, key,
-                                       settings, c.dim, sde_fn):
-      rows.extend(batch_rows)
+    try:
+      for batch_rows in evaluate_batches(log_prob, self.params, images, batch_size, key,
+                                         settings, c.dim, sde_fn):
+        rows.extend(batch_rows)
+    except LikelihoodError as err:
+      if not isinstance(c, FnComponents):
+        raise
+      lo = len(rows)  # the failed batch starts here
+      raise c.nonfinite_error(self.params, images[lo:lo + batch_size], lo, err) from None
     return rows
+
+  def log_prob_fn(self, settings: EvalSettings | None = None, **eval_overrides: Any
+                  ) -> PureLogProbFn:
+    """A pure ``(params, images, key) -> jax.Array (N,)``: the bound on log P(k) in nats,
+    jit-able and differentiable with respect to params (``differentiable.py``: diffrax's
+    RecursiveCheckpointAdjoint). Settings as ``bpd``; a diffrax solver only. With
+    ``jax.random.fold_in(key, 0)`` and all images in one batch it equals
+    ``log_prob(images, key)`` on one device."""
+    settings = self.eval_settings(settings, **eval_overrides)
+    c = self.components
+    return make_pure_log_prob_fn(c.drift, c.schedule, c.num_levels, settings)
 
   def bpd(self, images: npt.ArrayLike, key: jax.Array, batch_size: int | None = None, *,
           settings: EvalSettings | None = None, **eval_overrides: Any
@@ -275,3 +299,78 @@ def oracle(train_images: npt.ArrayLike, config: ml_collections.ConfigDict) -> Mo
   components = build(config, train_images=train_images)
   # the oracle's init_params ignores its key (its params are the training images)
   return Model(config, components, components.init_params(None), None)  # type: ignore[arg-type]
+
+
+def from_fn(fn: UserFn, params: Any, *, predicts: str, alpha: Callable[[jax.Array], jax.Array],
+            sigma: Callable[[jax.Array], jax.Array], t_min: float, t_max: float,
+            num_levels: int, data_range: tuple[float, float],
+            image_shape: tuple[int, int, int],
+            t_of_gamma: Callable[[jax.Array], jax.Array] | None = None) -> Model:
+  """The model of a user's own network ``fn(params, x, t)`` (docs/own_model.md).
+
+  fn: any JAX function of a batch x (B, H, W, C) in the model's units and t (B,),
+  returning x's shape and dtype: the noise (``predicts="eps"``), the data (``"x0"``, a
+  denoiser), the score grad_x log p_t (``"score"``) or dx/dt along the path
+  (``"dx_dt"``, a flow-matching velocity). alpha, sigma: the forward path
+  x_t = alpha(t) y + sigma(t) eps as elementwise JAX functions of t (``path(name)`` gives
+  common ones); log(sigma^2 / alpha^2) must increase on [t_min, t_max], t_min must be
+  clean enough for the tn start and t_max reach noise. data_range (lo, hi): level k maps to
+  lo + (hi - lo) (k + 1/2) / V in the model's units. t_of_gamma: optional closed-form
+  inverse of t -> log(sigma^2 / alpha^2). Raises ConfigError (one line) for anything that
+  cannot work.
+  """
+  import math
+
+  from diffode_jax import ode
+  from diffode_jax import precision as precision_lib
+  from diffode_jax import own_model
+  from diffode_jax.dequantization import DEFAULT_EVAL_DEQUANTIZATION
+  from diffode_jax.sampling import DEFAULT_DECODE
+  from diffode_jax.schedules import default_gamma_min, default_gamma_u
+
+  if predicts not in own_model.PREDICTS:
+    raise ConfigError(f"unknown predicts {predicts!r}; expected one of {own_model.PREDICTS}")
+  if (isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer))
+      or num_levels < 2):
+    raise ConfigError(f"num_levels must be an integer >= 2, got {num_levels!r}")
+  try:
+    shape = tuple(int(n) for n in image_shape)
+  except (TypeError, ValueError):
+    shape = ()
+  if len(shape) != 3 or min(shape) < 1:
+    raise ConfigError(f"image_shape must be (H, W, C) of positive integers, got "
+                      f"{image_shape!r}")
+  try:
+    lo, hi = (float(v) for v in data_range)
+  except (TypeError, ValueError):
+    raise ConfigError(f"data_range must be (lo, hi), got {data_range!r}") from None
+  if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+    raise ConfigError(f"data_range must be finite with lo < hi, got {data_range!r}")
+  num_levels = int(num_levels)
+  path = own_model.check_path(alpha, sigma, t_min, t_max, (hi - lo) / 2, (hi + lo) / 2,
+                              num_levels, t_of_gamma)
+  own_model.probe_fn(fn, params, shape)
+  gamma_min = default_gamma_min(num_levels)
+  with jax.ensure_compile_time_eval():
+    gamma_max = float(path.gamma_of_t(jnp.float32(path.t_end)))
+  gamma_max = min(gamma_max, own_model.GAMMA_MAX_CAP)
+  schedule = own_model.PathSchedule("user", gamma_min, gamma_max, path)
+  components = own_model.FnComponents(schedule, fn, predicts, math.prod(shape), num_levels)
+  solver = {"solver": ode.DEFAULT_SOLVER, "rtol": ode.DEFAULT_RTOL, "atol": ode.DEFAULT_ATOL,
+            "max_steps": ode.DEFAULT_MAX_STEPS, "norm": ode.DEFAULT_NORM,
+            "time": ode.DEFAULT_TIME}
+  config = ml_collections.ConfigDict({
+      "seed": 0,
+      "data": {"dataset": "from_fn", "image_size": shape[0], "image_width": shape[1],
+               "channels": shape[2], "num_levels": num_levels},
+      "model": {"arch": "from_fn", "schedule": "user", "parameterization": predicts,
+                "gamma_min": gamma_min, "gamma_max": gamma_max, "t_min": float(t_min),
+                "t_max": float(t_max), "t_end": path.t_end, "data_range": [lo, hi]},
+      "eval": {"dequantization": DEFAULT_EVAL_DEQUANTIZATION, "num_importance": 1,
+               "analytic_entropy": False, "divergence": ode.DEFAULT_DIVERGENCE,
+               "gamma_u": default_gamma_u(num_levels),
+               "precision": precision_lib.DEFAULT_EVAL_PRECISION,
+               "exact_trace_chunk": None, "batch_size": 128, **solver},
+      "sample": {"decode": DEFAULT_DECODE, "batch_size": 64, **solver},
+  })
+  return Model(config, components, params, None)
