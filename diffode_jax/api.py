@@ -47,12 +47,12 @@ from diffode_jax.config import (EvalSettings, eval_settings, finalize_config,
 from diffode_jax.differentiable import PureLogProbFn, make_pure_log_prob_fn
 from diffode_jax.errors import ConfigError, DataError, LikelihoodError, WorkdirError
 from diffode_jax.evaluation import evaluate_batches
-from diffode_jax.likelihood import LogProbFn, make_log_prob_fn, make_sde_fn
+from diffode_jax.likelihood import DEFAULT_EVAL_SOLVER, LogProbFn, make_log_prob_fn, make_sde_fn
 from diffode_jax.model import Components, build
 from diffode_jax.fingerprint import images_fingerprint, params_fingerprint
 from diffode_jax.own_model import FnComponents, UserFn
 from diffode_jax.report import bpd_report, devices_fields, run_fields
-from diffode_jax.sampling import draw, make_sample_fn
+from diffode_jax.sampling import DEFAULT_SAMPLE_SOLVER, draw, make_sample_fn
 
 
 @dataclasses.dataclass
@@ -356,9 +356,10 @@ def from_fn(fn: UserFn, params: Any, *, predicts: str, alpha: Callable[[jax.Arra
   gamma_max = min(gamma_max, own_model.GAMMA_MAX_CAP)
   schedule = own_model.PathSchedule("user", gamma_min, gamma_max, path)
   components = own_model.FnComponents(schedule, fn, predicts, math.prod(shape), num_levels)
-  solver = {"solver": ode.DEFAULT_SOLVER, "rtol": ode.DEFAULT_RTOL, "atol": ode.DEFAULT_ATOL,
-            "max_steps": ode.DEFAULT_MAX_STEPS, "norm": ode.DEFAULT_NORM,
-            "time": ode.DEFAULT_TIME}
+  def solver(cfg: ode.SolverConfig) -> dict[str, Any]:  # the library's eval / sample defaults
+    return {"solver": cfg.solver, "rtol": cfg.rtol, "atol": cfg.atol,
+            "max_steps": cfg.max_steps, "norm": cfg.norm, "time": cfg.time}
+
   config = ml_collections.ConfigDict({
       "seed": 0,
       "data": {"dataset": "from_fn", "image_size": shape[0], "image_width": shape[1],
@@ -370,7 +371,8 @@ def from_fn(fn: UserFn, params: Any, *, predicts: str, alpha: Callable[[jax.Arra
                "analytic_entropy": False, "divergence": ode.DEFAULT_DIVERGENCE,
                "gamma_u": default_gamma_u(num_levels),
                "precision": precision_lib.DEFAULT_EVAL_PRECISION,
-               "exact_trace_chunk": None, "batch_size": 128, **solver},
-      "sample": {"decode": DEFAULT_DECODE, "batch_size": 64, **solver},
+               "exact_trace_chunk": None, "batch_size": 128,
+               **solver(DEFAULT_EVAL_SOLVER)},
+      "sample": {"decode": DEFAULT_DECODE, "batch_size": 64, **solver(DEFAULT_SAMPLE_SOLVER)},
   })
   return Model(config, components, params, None)

@@ -134,7 +134,8 @@ def test_user_written_oracle_gives_log2_n_over_d_in_every_form(train_levels, nam
     fn = _user_fn(predicts, path["alpha"], path["sigma"], _oracle_x0(train_y))
     model = dj.from_fn(fn, None, predicts=predicts, **path, num_levels=V,
                        data_range=data_range, image_shape=SHAPE)
-    results[predicts], report = model.bpd(train_levels, key, divergence="exact")
+    results[predicts], report = model.bpd(train_levels, key, divergence="exact",
+                                          solver="dopri5", rtol=1e-5, atol=1e-5)
     assert "sde_bpd" not in report  # no training loss: omitted, not faked
     np.testing.assert_allclose(results[predicts], expected, atol=5e-3,
                                err_msg=f"{name} {predicts}")
@@ -148,7 +149,7 @@ def test_user_written_oracle_gives_log2_n_over_d_in_every_form(train_levels, nam
     oracle = dj.oracle(train_levels, config)
     assert oracle.components.schedule.gamma_min == pytest.approx(
         model.components.schedule.gamma_min)
-    ours, _ = oracle.bpd(train_levels, key)
+    ours, _ = oracle.bpd(train_levels, key, solver="dopri5", rtol=1e-5, atol=1e-5)  # same solve
     np.testing.assert_allclose(results["eps"], ours, atol=1e-3)
 
 
