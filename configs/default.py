@@ -92,9 +92,9 @@ def get_config():
   evaluation.num_importance = 1  # K samples of the importance-weighted bound
   evaluation.analytic_entropy = False  # tn with K = 1: use the entropy of q instead of -log q
   evaluation.divergence = ode.DEFAULT_DIVERGENCE  # rademacher | gaussian | exact
-  evaluation.solver = likelihood.DEFAULT_EVAL_SOLVER.solver  # bosh3 | dopri5 | tsit5 | dopri8 (diffrax, on device) | scipy_rk45 (the official host loop); bosh3 at 1e-4: the official accuracy at 1e-5 for half its NFE (bench/solver_study.py)
-  evaluation.rtol = likelihood.DEFAULT_EVAL_SOLVER.rtol  # relative tolerance of the adaptive solver (1e-4; 3e-5 for about 0.002 bits/dim, docs/evaluation.md)
-  evaluation.atol = likelihood.DEFAULT_EVAL_SOLVER.atol  # absolute tolerance (1e-4)
+  evaluation.solver = likelihood.DEFAULT_EVAL_SOLVER.solver  # dopri5 | tsit5 | bosh3 | dopri8 (diffrax, on device) | scipy_rk45 (the official host loop); docs/evaluation.md, Solver and tolerance
+  evaluation.rtol = likelihood.DEFAULT_EVAL_SOLVER.rtol  # relative tolerance of the adaptive solver (1e-5)
+  evaluation.atol = likelihood.DEFAULT_EVAL_SOLVER.atol  # absolute tolerance (1e-5)
   evaluation.max_steps = ode.DEFAULT_MAX_STEPS  # solver steps before it gives up (reported as an error)
   evaluation.norm = ode.DEFAULT_NORM  # error norm of the step-size control: rms (whole batch) | image_max | leaf_max | image_leaf_max (ode.error_norm)
   evaluation.time = ode.DEFAULT_TIME  # variable the ODE is integrated in: gamma | sigma | angle | rho7 (ode.TIME_VARIABLES; same solution, other steps)
@@ -109,9 +109,9 @@ def get_config():
   sample.num_samples = 64  # images drawn by --mode=sample
   sample.batch_size = 64  # images per ODE solve
   sample.decode = sampling.DEFAULT_DECODE  # argmax (decoder mode) | sample (decoder draw) | round (nearest bin)
-  sample.solver = sampling.DEFAULT_SAMPLE_SOLVER.solver  # bosh3 | dopri5 | tsit5 | dopri8 (diffrax, on device); bosh3 at 1e-4 (bench/solver_study.py)
-  sample.rtol = sampling.DEFAULT_SAMPLE_SOLVER.rtol  # relative tolerance of the sampling ODE (1e-4)
-  sample.atol = sampling.DEFAULT_SAMPLE_SOLVER.atol  # absolute tolerance (1e-4)
+  sample.solver = sampling.DEFAULT_SAMPLE_SOLVER.solver  # dopri5 | tsit5 | bosh3 | dopri8 (diffrax, on device)
+  sample.rtol = sampling.DEFAULT_SAMPLE_SOLVER.rtol  # relative tolerance of the sampling ODE (1e-5)
+  sample.atol = sampling.DEFAULT_SAMPLE_SOLVER.atol  # absolute tolerance (1e-5)
   sample.max_steps = ode.DEFAULT_MAX_STEPS  # solver steps before sampling gives up (reported as an error)
   sample.norm = ode.DEFAULT_NORM  # error norm of the sampling solve (as eval.norm)
   sample.time = ode.DEFAULT_TIME  # time variable of the sampling solve (as eval.time)
