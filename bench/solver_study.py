@@ -462,6 +462,7 @@ def main():
                                   args.ref_solver)
   import diffode_jax as dj
 
+  code = provenance.commit()  # before this run writes its own result files
   num_images = args.images or (32 if args.quick else 128)
   candidates = QUICK if args.quick else FULL
   if args.families:
@@ -512,7 +513,6 @@ def main():
     pareto_plot(label, rows, os.path.join(RESULTS, f"{stem}_{label}.png"
                                           if args.quick else f"solver_study_{label}.png"))
   device = jax.devices()[0]
-  code = provenance.commit()
   text = "\n".join(["Per-image error of the likelihood bound against a float64 reference, "
                     "by NFE (bench/solver_study.py).", ""] + sections)
   with open(os.path.join(RESULTS, f"{stem}.md"), "w") as f:
