@@ -329,3 +329,19 @@ def test_sensitivity_summary_and_warning():
   message = sensitivity_warning(start_sensitivity(rows), ode.SolverConfig(rtol=1e-4, atol=1e-4))
   assert message is not None and "not reproducible at rtol=0.0001" in message
   assert "\n" not in message
+
+
+def test_reproducibility_check_off_adds_no_rows_field_and_no_report_field(trained, tmp_path):
+  """eval.reproducibility_check=False: no second solve, so neither the rows nor the report
+  carry the check."""
+  import shutil
+
+  config, workdir = trained
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval"))
+  config = _tiny()
+  config.eval.reproducibility_check = False
+  report = run.evaluate(config, copy)
+  _, rows = _rows(copy)
+  assert "start_sensitivity" not in report
+  assert not any("start_sensitivity_bpd" in r for r in rows)
