@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -48,11 +49,20 @@ def main_command(workdir, *flags, mode="train", config="configs/digits.py") -> l
           f"--workdir={workdir}", f"--mode={mode}", *flags]
 
 
+def _interruptible() -> None:
+  """In the child before exec: SIGINT back to its default. A suite started in the
+  background of a non-interactive shell (``make test &``, some CI runners) inherits SIGINT
+  ignored, and a Python started so never raises KeyboardInterrupt; the tests that send
+  SIGINT stand for a user pressing Ctrl-C in a terminal."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(workdir, *flags, devices=1, mode="train", stderr=subprocess.PIPE, prefix=()):
   """main.py in a subprocess; ``prefix`` goes before the command (e.g. the nsenter of the
   Cloud Storage emulator's network namespace, ``conftest.Storage.prefix``)."""
   return subprocess.Popen([*prefix, *main_command(workdir, *flags, mode=mode)], cwd=REPO,
-                          env=env(devices), stdout=subprocess.PIPE, stderr=stderr, text=True)
+                          env=env(devices), stdout=subprocess.PIPE, stderr=stderr, text=True,
+                          preexec_fn=_interruptible)
 
 
 def start_hosts(workdir, *flags, processes=2, devices=2, mode="train") -> list:
