@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,19 +41,22 @@ import numpy.typing as npt
 from jax.sharding import Mesh
 
 from diffode_jax import data as data_lib
-from diffode_jax import parallel, paths, storage
+from diffode_jax import ode, own_model, parallel, paths, storage
+from diffode_jax import precision as precision_lib
+from diffode_jax.dequantization import DEFAULT_EVAL_DEQUANTIZATION
 from diffode_jax.trained import restore_for_eval
 from diffode_jax.config import (EvalSettings, eval_settings, finalize_config,
                                 read_workdir_config, sample_settings)
 from diffode_jax.differentiable import PureLogProbFn, make_pure_log_prob_fn
-from diffode_jax.errors import ConfigError, DataError, LikelihoodError, WorkdirError
+from diffode_jax.errors import ConfigError, DataError, LikelihoodError, WorkdirError, first_line
 from diffode_jax.evaluation import evaluate_batches
 from diffode_jax.likelihood import DEFAULT_EVAL_SOLVER, LogProbFn, make_log_prob_fn, make_sde_fn
 from diffode_jax.model import Components, build
 from diffode_jax.fingerprint import images_fingerprint, params_fingerprint
 from diffode_jax.own_model import FnComponents, UserFn
 from diffode_jax.report import bpd_report, devices_fields, run_fields
-from diffode_jax.sampling import DEFAULT_SAMPLE_SOLVER, draw, make_sample_fn
+from diffode_jax.sampling import DEFAULT_DECODE, DEFAULT_SAMPLE_SOLVER, draw, make_sample_fn
+from diffode_jax.schedules import default_gamma_min, default_gamma_u
 
 
 @dataclasses.dataclass
@@ -93,6 +97,16 @@ class Model:
       raise DataError(f"images hold a negative value {int(images.min())}")
     data_lib.check_images(images, self.config.data, "images")
     return images
+
+  def with_params(self, params: Any) -> Model:
+    """The same model with other params (e.g. after a fine-tune of ``log_prob_fn``), sharing
+    this model's compiled functions (they take the params as an argument)."""
+    try:
+      jax.tree.map(lambda a, b: None, params, self.params)  # the same tree structure
+    except ValueError as err:
+      raise ConfigError(f"with_params: the params must have the structure of model.params "
+                        f"({first_line(err)})") from None
+    return dataclasses.replace(self, params=params, _cache=self._cache)
 
   @property
   def mesh(self) -> Mesh:
@@ -140,7 +154,8 @@ class Model:
     jit-able and differentiable with respect to params (``differentiable.py``: diffrax's
     RecursiveCheckpointAdjoint). Settings as ``bpd``; a diffrax solver only. With
     ``jax.random.fold_in(key, 0)`` and all images in one batch it equals
-    ``log_prob(images, key)`` on one device."""
+    ``log_prob(images, key)`` on one device (without jax_enable_x64, under which it
+    solves in float64 and the evaluator in float32)."""
     settings = self.eval_settings(settings, **eval_overrides)
     c = self.components
     return make_pure_log_prob_fn(c.drift, c.schedule, c.num_levels, settings)
@@ -319,15 +334,6 @@ def from_fn(fn: UserFn, params: Any, *, predicts: str, alpha: Callable[[jax.Arra
   inverse of t -> log(sigma^2 / alpha^2). Raises ConfigError (one line) for anything that
   cannot work.
   """
-  import math
-
-  from diffode_jax import ode
-  from diffode_jax import precision as precision_lib
-  from diffode_jax import own_model
-  from diffode_jax.dequantization import DEFAULT_EVAL_DEQUANTIZATION
-  from diffode_jax.sampling import DEFAULT_DECODE
-  from diffode_jax.schedules import default_gamma_min, default_gamma_u
-
   if predicts not in own_model.PREDICTS:
     raise ConfigError(f"unknown predicts {predicts!r}; expected one of {own_model.PREDICTS}")
   if (isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer))
@@ -351,9 +357,7 @@ def from_fn(fn: UserFn, params: Any, *, predicts: str, alpha: Callable[[jax.Arra
                               num_levels, t_of_gamma)
   own_model.probe_fn(fn, params, shape)
   gamma_min = default_gamma_min(num_levels)
-  with jax.ensure_compile_time_eval():
-    gamma_max = float(path.gamma_of_t(jnp.float32(path.t_end)))
-  gamma_max = min(gamma_max, own_model.GAMMA_MAX_CAP)
+  gamma_max = path.gamma_max
   schedule = own_model.PathSchedule("user", gamma_min, gamma_max, path)
   components = own_model.FnComponents(schedule, fn, predicts, math.prod(shape), num_levels)
   def solver(cfg: ode.SolverConfig) -> dict[str, Any]:  # the library's eval / sample defaults

@@ -10,7 +10,8 @@ mode through the solver's steps with checkpointing: exact gradients of the discr
 solve; memory grows with the log of max_steps times the state, not with the steps).
 
 With the key of batch 0, ``jax.random.fold_in(key, 0)``, and all images in one batch it
-equals ``Model.log_prob(images, key)`` on one device (same noise, probe and steps). A
+equals ``Model.log_prob(images, key)`` on one device (same noise, probe and steps) in
+float32; under ``jax_enable_x64`` this function solves in float64. A
 solve that fails (max_steps, non-finite) gives NaN for the batch, never a quiet number.
 The state is solved in the default float type (float64 under ``jax_enable_x64``); the
 dequantization noise is drawn in float32 as in the evaluator.
@@ -28,8 +29,7 @@ import jax.numpy as jnp
 from diffode_jax import ode
 from diffode_jax import precision as precision_lib
 from diffode_jax.errors import ConfigError
-from diffode_jax.likelihood import (EvalSettings, ParamsDrift, draw_noise, effective_solver,
-                                    prior_log_density)
+from diffode_jax.likelihood import EvalSettings, ParamsDrift, make_parts, solve_sample
 from diffode_jax.schedules import Schedule
 
 PyTree = Any
@@ -43,30 +43,19 @@ def make_pure_log_prob_fn(drift: ParamsDrift, schedule: Schedule, num_levels: in
   images: integers (N, H, W, C) in [0, V). Raises ConfigError for the host solver
   (scipy_rk45), which cannot be traced.
   """
-  s = settings
-  if s.solver.solver not in ode.DIFFRAX_SOLVERS:
-    raise ConfigError(f"log_prob_fn needs a diffrax solver {tuple(ode.DIFFRAX_SOLVERS)}, "
-                      f"got {s.solver.solver!r} (a host loop cannot be traced)")
-  solver = effective_solver(s, schedule)
-
-  def one_sample(params: PyTree, k: jax.Array, key: jax.Array) -> jax.Array:
-    deq, probe = draw_noise(s, schedule, num_levels, k, key)
-    dtype = jnp.result_type(float)
-    z0 = deq.z0.astype(dtype)
-    probe = None if probe is None else probe.astype(dtype)
-    field = ode.augmented_vector_field(lambda x, g: drift(params, x, g), probe,
-                                       s.exact_trace_chunk)
-    (x1, delta), _, ok = ode.solve_diffrax(field, (z0, jnp.zeros(k.shape[0], dtype)),
-                                           deq.gamma0, schedule.gamma_max, solver)
-    bound = prior_log_density(x1, schedule) + delta + deq.log_weight.astype(dtype)
-    return jnp.where(ok, bound, jnp.nan)
+  ode.check_on_device(settings.solver, "log_prob_fn")
+  parts = make_parts(drift, schedule, num_levels, settings)
+  K = settings.num_importance
 
   def log_prob(params: PyTree, images: jax.Array, key: jax.Array) -> jax.Array:
     k = jnp.asarray(images)
     if not jnp.issubdtype(k.dtype, jnp.integer):
       raise ConfigError(f"images must be integers in [0, {num_levels}), got dtype {k.dtype}")
-    bounds = jnp.stack([one_sample(params, k, jax.random.fold_in(key, i))
-                        for i in range(s.num_importance)])
-    return jax.nn.logsumexp(bounds, axis=0) - math.log(s.num_importance)
+    dtype = jnp.result_type(float)  # float64 under jax_enable_x64
+    bounds = []
+    for i in range(K):
+      bound, _, ok = solve_sample(parts, params, k, jax.random.fold_in(key, i), dtype=dtype)
+      bounds.append(jnp.where(ok, bound, jnp.nan))  # a failed solve: NaN, never a number
+    return jax.nn.logsumexp(jnp.stack(bounds), axis=0) - math.log(K)
 
-  return precision_lib.traced_with(s.precision, log_prob)
+  return precision_lib.traced_with(settings.precision, log_prob)

@@ -46,7 +46,7 @@ def evaluate_batches(log_prob_fn: LogProbFn, params: PyTree, images: np.ndarray 
                      batch_size: int, key: jax.Array, settings: EvalSettings, dim: int,
                      sde_fn: Callable[..., np.ndarray] | None = None,
                      first_batch: int = 0,
-                     check_fn: LogProbFn | None = None) -> Iterator[list[dict]]:
+                     perturbed_log_prob_fn: LogProbFn | None = None) -> Iterator[list[dict]]:
   """Yields the per-image rows of images[first_batch * batch_size:], one batch at a time.
 
   Batch b uses the key ``fold_in(key, b)``, so a resumed loop (first_batch > 0) draws
@@ -59,8 +59,8 @@ def evaluate_batches(log_prob_fn: LogProbFn, params: PyTree, images: np.ndarray 
   params are replicated over it once, every process runs the loop, each placing only its
   own devices' rows of every batch (``place_batch``), and every process gets every row.
 
-  The reproducibility check: with ``check_fn`` (the same bound with a perturbed start,
-  ``make_log_prob_fn(..., start_perturbation=START_PERTURBATION)``) batch 0 is solved
+  The reproducibility check: with ``perturbed_log_prob_fn`` (the same bound from a moved
+  start, ``make_log_prob_fn(..., start_perturbation=START_PERTURBATION)``) batch 0 is solved
   again with it and its rows get ``start_sensitivity_bpd``, how far each bound moved
   (``report.start_sensitivity`` summarizes it; docs/evaluation.md, Reproducibility).
   """
@@ -78,8 +78,8 @@ def evaluate_batches(log_prob_fn: LogProbFn, params: PyTree, images: np.ndarray 
     bpd = bits_per_dim(bound.log_prob, dim)
     rows = [{"index": lo + i, "log_prob": float(bound.log_prob[i]), "bpd": float(bpd[i]),
              "nfe": float(np.mean(bound.nfe))} for i in range(hi - lo)]
-    if check_fn is not None and b == 0:
-      moved = check_fn(params, k, bkey, num_real)
+    if perturbed_log_prob_fn is not None and b == 0:
+      moved = perturbed_log_prob_fn(params, k, bkey, num_real)
       check_bound(moved, settings)
       change = np.abs(bits_per_dim(moved.log_prob, dim) - bpd)
       for row, value in zip(rows, change):

@@ -202,6 +202,30 @@ def _on_host(parts: _Parts, mesh: jax.sharding.Mesh | None) -> LogProbFn:
   return LogProbFn(sample, s)
 
 
+def solve_sample(parts: _Parts, params: PyTree, k: jax.Array, key: jax.Array,
+                 num_real: int | None = None, rows: Any = None,
+                 dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One importance sample of the bound on device, traceable: (bounds (N,), nfe, ok).
+
+  The noise of ``parts.prepare``, the augmented field, a diffrax solve from gamma0 to
+  gamma_max and ``parts.finish``. ``rows``: a sharding the state is pinned to (the batch
+  split over devices); ``dtype``: the float type of the solve (the evaluator's float32,
+  or float64 for ``differentiable.py`` under jax_enable_x64).
+  """
+  deq, probe = parts.prepare(k, key)
+  z0 = deq.z0.astype(dtype)
+  probe = None if probe is None else probe.astype(dtype)
+  if rows is not None:  # pin the solve's state to the batch split
+    z0 = jax.lax.with_sharding_constraint(z0, rows)
+    probe = None if probe is None else jax.lax.with_sharding_constraint(probe, rows)
+  field = ode.augmented_vector_field(lambda x, g: parts.drift(params, x, g), probe,
+                                     parts.settings.exact_trace_chunk)
+  y0 = (z0, jnp.zeros(k.shape[0], dtype))
+  (x1, delta), nfe, ok = ode.solve_diffrax(field, y0, deq.gamma0, parts.schedule.gamma_max,
+                                           parts.solver, num_real)
+  return parts.finish(x1, delta, deq.log_weight.astype(dtype)), nfe, ok
+
+
 def _on_device(parts: _Parts, mesh: jax.sharding.Mesh | None) -> LogProbFn:
   """A diffrax solve under jax.jit, split over ``mesh`` when it has several devices."""
   s = parts.settings
@@ -209,17 +233,7 @@ def _on_device(parts: _Parts, mesh: jax.sharding.Mesh | None) -> LogProbFn:
   rows = parallel.batch_sharding(mesh) if mesh is not None and sharded else None
 
   def solve_one(params, k, key, num_real):
-    deq, probe = parts.prepare(k, key)
-    z0 = deq.z0
-    if rows is not None:  # pin the solve's state to the batch split
-      z0 = jax.lax.with_sharding_constraint(z0, rows)
-      probe = None if probe is None else jax.lax.with_sharding_constraint(probe, rows)
-    field = ode.augmented_vector_field(lambda x, g: parts.drift(params, x, g), probe,
-                                       s.exact_trace_chunk)
-    y0 = (z0, jnp.zeros(k.shape[0], jnp.float32))
-    (x1, delta), nfe, ok = ode.solve_diffrax(field, y0, deq.gamma0, parts.schedule.gamma_max,
-                                             parts.solver, num_real)
-    return parts.finish(x1, delta, deq.log_weight), nfe, ok
+    return solve_sample(parts, params, k, key, num_real, rows)
 
   solve = jax.jit(precision_lib.traced_with(s.precision, solve_one), static_argnums=3,
                   out_shardings=(parallel.replicated_sharding(mesh)
@@ -269,7 +283,8 @@ def draw_noise(settings: EvalSettings, schedule: Schedule, num_levels: int, k: j
   return deq, ode.draw_probe(settings.divergence, k_probe, k.shape)
 
 
-# The key index of the reproducibility check's signs (no K reaches it).
+# The reproducibility check's signs: fold_in(sample key, this), a key apart from the split
+# of the sample key that gives the dequantization and probe keys.
 PERTURBATION_KEY_INDEX = 1 << 21
 
 
@@ -306,8 +321,17 @@ def make_log_prob_fn(drift: ParamsDrift, schedule: Schedule, num_levels: int,
   likelihood by an amount that grows with the probe variance. Use divergence='exact'
   (small images) to check; a warning is printed and logged (``errors.warn``).
   """
+  parts = make_parts(drift, schedule, num_levels, settings, start_perturbation)
+  return BACKENDS[settings.solver.solver].build(parts, mesh)
+
+
+def make_parts(drift: ParamsDrift, schedule: Schedule, num_levels: int, settings: EvalSettings,
+               start_perturbation: float = 0.0) -> _Parts:
+  """The noise drawing, the end of the bound and the solver settings of ``make_log_prob_fn``
+  (also what ``differentiable.py`` solves with). Warns of K > 1 with a Hutchinson divergence
+  once per bound: not for the perturbed twin of the reproducibility check."""
   s = settings
-  if s.num_importance > 1 and s.divergence != "exact":
+  if s.num_importance > 1 and s.divergence != "exact" and not start_perturbation:
     warn(f"num_importance={s.num_importance} with a {s.divergence} (Hutchinson) divergence: "
          "the importance-weighted bound can be biased upward by the estimator's noise; "
          "check with divergence='exact' on small images")
@@ -319,8 +343,7 @@ def make_log_prob_fn(drift: ParamsDrift, schedule: Schedule, num_levels: int,
   def finish(x1, delta, log_weight):
     return prior_log_density(x1, schedule) + delta + log_weight
 
-  parts = _Parts(prepare, finish, drift, schedule, effective_solver(s, schedule), s)
-  return BACKENDS[s.solver.solver].build(parts, mesh)
+  return _Parts(prepare, finish, drift, schedule, effective_solver(s, schedule), s)
 
 
 def make_sde_fn(loss_fn: Callable[..., Any], settings: EvalSettings,

@@ -45,6 +45,7 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from diffode_jax.discretization import sum_per_example
+from diffode_jax.errors import ConfigError
 from diffode_jax.schedules import FloatLike, default_gamma_min
 
 DIVERGENCES = ("rademacher", "gaussian", "exact")
@@ -64,8 +65,9 @@ NORMS = ("rms", "image_max", "leaf_max", "image_leaf_max")
 # Time variables of the integration (``TIME_VARIABLES``): the ODE is solved in s(gamma).
 TIMES = ("gamma", "sigma", "angle", "rho7")
 
-# Defaults of a SolverConfig and of the sampling ODE (configs/default.py uses these; the
-# likelihood's own default is likelihood.DEFAULT_EVAL_SOLVER, from bench/solver_study.py).
+# Defaults of a SolverConfig (the evaluation and sampling defaults built from them are
+# likelihood.DEFAULT_EVAL_SOLVER and sampling.DEFAULT_SAMPLE_SOLVER, which
+# configs/default.py reads; bench/solver_study.py measures the choice).
 DEFAULT_DIVERGENCE = "rademacher"
 DEFAULT_SOLVER = "dopri5"
 DEFAULT_RTOL = 1e-5
@@ -207,6 +209,15 @@ def scaled_tolerances(cfg: SolverConfig, gamma0: float) -> SolverConfig:
   """cfg with rtol and atol multiplied by ``tolerance_scale(gamma0)``."""
   scale = tolerance_scale(gamma0)
   return dataclasses.replace(cfg, rtol=cfg.rtol * scale, atol=cfg.atol * scale)
+
+
+def check_on_device(cfg: SolverConfig, who: str) -> None:
+  """ConfigError unless cfg's solver runs on device (a diffrax solver): ``who`` is the
+  setting or function that needs a solve it can trace."""
+  if cfg.solver not in DIFFRAX_SOLVERS:
+    raise ConfigError(f"{who} solves on device: its solver must be one of "
+                      f"{tuple(DIFFRAX_SOLVERS)}, got {cfg.solver!r} (a host loop cannot be "
+                      "traced)")
 
 
 def _diffrax_solver(name: str) -> diffrax.AbstractAdaptiveSolver:

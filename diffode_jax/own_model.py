@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffode_jax.discretization import bin_centre
 from diffode_jax.errors import ConfigError, LikelihoodError, described
 from diffode_jax.schedules import (Coefficients, FloatLike, Schedule, default_gamma_min,
                                    expand_like)
@@ -47,7 +48,14 @@ PyTree = Any
 UserFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
 TimeFn = Callable[[jax.Array], jax.Array]
 
-PREDICTS = ("eps", "x0", "score", "dx_dt")
+# predicts -> the noise estimate eps_hat(u, out, alpha, sigma) from fn's output ``out`` at
+# u = alpha y + sigma eps (all in the model's units); "dx_dt" is a drift of its own.
+EPS_FROM_OUTPUT: dict[str, Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]] = {
+    "eps": lambda u, out, alpha, sigma: out,
+    "x0": lambda u, out, alpha, sigma: (u - alpha * out) / sigma,  # a denoiser
+    "score": lambda u, out, alpha, sigma: -sigma * out,  # grad log p_t = -eps / sigma
+}
+PREDICTS = (*EPS_FROM_OUTPUT, "dx_dt")
 # The noise end must reach at least the project's own gamma_max (configs: 5): the prior
 # N(0, sigma_max^2) then costs at most exp(-gamma_max) / 2 nats per dimension of |x| <= 1.
 NOISE_GAMMA = 5.0
@@ -87,6 +95,13 @@ class UserPath:
     alpha, dalpha = jax.jvp(self.alpha, (t,), (ones,))
     sigma, dsigma = jax.jvp(self.sigma, (t,), (ones,))
     return alpha, sigma, dalpha, dsigma
+
+  @property
+  def gamma_max(self) -> float:
+    """The gamma of the noise end t_end, at most GAMMA_MAX_CAP (float32 roundoff of the
+    capped t_end can put it a hair above)."""
+    with jax.ensure_compile_time_eval():
+      return min(float(self.gamma_of_t(jnp.float32(self.t_end))), GAMMA_MAX_CAP)
 
   def t_of_gamma(self, gamma: FloatLike) -> jax.Array:
     """t with gamma_of_t(t) = gamma (any shape)."""
@@ -136,9 +151,7 @@ class PathSchedule(Schedule):
   def __post_init__(self) -> None:
     if self.path is None:
       raise ValueError("a PathSchedule needs its path")
-    if not self.gamma_min < self.gamma_max:
-      raise ValueError(
-          f"gamma_min ({self.gamma_min}) must be below gamma_max ({self.gamma_max})")
+    self._check_range()  # not Schedule's name check: its name is not a built-in schedule
 
   def coefficients(self, gamma: FloatLike) -> Coefficients:
     assert self.path is not None  # checked at init
@@ -162,12 +175,7 @@ def make_drift(fn: UserFn, predicts: str, path: UserPath
     check_output(out, u)
     if predicts == "dx_dt":
       return (out - expand_like(dalpha_dt, z) * c) / (s * expand_like(dgamma_dt, z))
-    if predicts == "eps":
-      eps_hat = out
-    elif predicts == "x0":
-      eps_hat = (u - alpha * out) / sigma
-    else:  # score
-      eps_hat = -sigma * out
+    eps_hat = EPS_FROM_OUTPUT[predicts](u, out, alpha, sigma)
     return expand_like(k.dlog_alpha, z) * z + 0.5 * expand_like(k.sigma, z) * eps_hat
 
   return drift
@@ -271,13 +279,13 @@ def _too_noisy(alpha: TimeFn, sigma: TimeFn, t_min: float, scale: float, num_lev
     lo, hi = 0.0, float(t_min)
     try:
       ratio = lambda t: float(_host(sigma, np.array([t]))[0] / _host(alpha, np.array([t]))[0])
-      if not ratio(lo) <= need:
+      if not ratio(lo) <= need:  # also NaN
         raise ValueError
       for _ in range(60):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if ratio(mid) <= need else (lo, mid)
       return f"{head}; use t_min <= {lo:.4g}"
-    except (ValueError, ZeroDivisionError, FloatingPointError):
+    except ValueError:  # sigma/alpha at t = 0 already too large (or not a number)
       pass
   return f"{head}; use a t_min where sigma/alpha <= {need:.4g}"
 
@@ -287,14 +295,16 @@ def find_nonfinite(fn: UserFn, params: PyTree, path: UserPath, k: np.ndarray,
   """Where fn returns NaN or inf on the forward path of the images k (one batch whose first
   image has index first_index): "image i at t=...", or None when fn is finite at every
   point checked (DIAGNOSIS_POINTS values of t from t_min to the end, one noise draw)."""
-  x = (2.0 * jnp.asarray(k, jnp.float32) + 1.0) / num_levels - 1.0
-  y = path.scale * x + path.shift
+  y = path.scale * bin_centre(k, num_levels) + path.shift
   eps = jax.random.normal(jax.random.PRNGKey(0), y.shape, jnp.float32)
-  check = jax.jit(lambda t: jnp.isfinite(fn(params, expand_like(path.alpha(t), y) * y
-                                            + expand_like(path.sigma(t), y) * eps, t)
-                                         ).reshape(y.shape[0], -1).all(axis=1))
+
+  @jax.jit
+  def check(params: PyTree, t: jax.Array) -> jax.Array:
+    x_t = expand_like(path.alpha(t), y) * y + expand_like(path.sigma(t), y) * eps
+    return jnp.isfinite(fn(params, x_t, t)).reshape(y.shape[0], -1).all(axis=1)
+
   for t in np.linspace(path.t_min, path.t_end, DIAGNOSIS_POINTS):
-    ok = np.asarray(check(jnp.full(y.shape[:1], t, jnp.float32)))
+    ok = np.asarray(check(params, jnp.full(y.shape[:1], t, jnp.float32)))
     if not ok.all():
       return f"image {first_index + int(np.argmin(ok))} at t={t:.6g}"
   return None
@@ -330,10 +340,6 @@ class FnComponents:
                            f"alpha(t) y + sigma(t) eps of that image)")
 
 
-def _sigmoid(x: jax.Array) -> jax.Array:
-  return jax.nn.sigmoid(x)
-
-
 def _vp_linear(beta_min: float, beta_max: float) -> tuple[TimeFn, TimeFn]:
   def log_alpha(t: jax.Array) -> jax.Array:
     return -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
@@ -356,6 +362,10 @@ def path(name: str, **overrides: Any) -> dict[str, Any]:
 
   The t_min are small enough for the tn start of 8-bit data in [-1, 1].
   """
+  allowed = {"t_min", "t_max"} | ({"beta_min", "beta_max"} if name == "vp_linear" else set())
+  unknown = set(overrides) - allowed
+  if unknown:
+    raise ConfigError(f"path {name!r} takes overrides {sorted(allowed)}, got {sorted(unknown)}")
   beta_min = overrides.pop("beta_min", 0.1)
   beta_max = overrides.pop("beta_max", 20.0)
   presets: dict[str, dict[str, Any]] = {
@@ -367,16 +377,14 @@ def path(name: str, **overrides: Any) -> dict[str, Any]:
       "edm": dict(alpha=jnp.ones_like, sigma=lambda t: t, t_min=1e-3, t_max=80.0,
                   t_of_gamma=lambda g: jnp.exp(0.5 * g)),
       "straight": dict(alpha=lambda t: 1.0 - t, sigma=lambda t: t, t_min=1e-4, t_max=1.0,
-                       t_of_gamma=lambda g: _sigmoid(0.5 * g)),
-      "idode_vp": dict(alpha=lambda t: jnp.sqrt(_sigmoid(-t)),
-                       sigma=lambda t: jnp.sqrt(_sigmoid(t)), t_min=-20.0, t_max=5.0,
+                       t_of_gamma=lambda g: jax.nn.sigmoid(0.5 * g)),
+      "idode_vp": dict(alpha=lambda t: jnp.sqrt(jax.nn.sigmoid(-t)),
+                       sigma=lambda t: jnp.sqrt(jax.nn.sigmoid(t)), t_min=-20.0, t_max=5.0,
                        t_of_gamma=lambda g: g),
-      "idode_sp": dict(alpha=lambda t: _sigmoid(-0.5 * t), sigma=lambda t: _sigmoid(0.5 * t),
+      "idode_sp": dict(alpha=lambda t: jax.nn.sigmoid(-0.5 * t),
+                       sigma=lambda t: jax.nn.sigmoid(0.5 * t),
                        t_min=-20.0, t_max=5.0, t_of_gamma=lambda g: g),
   }
   if name not in presets:
     raise ConfigError(f"unknown path {name!r}; expected one of {tuple(presets)}")
-  unknown = set(overrides) - {"t_min", "t_max"}
-  if unknown:
-    raise ConfigError(f"path {name!r} takes t_min and t_max overrides, got {sorted(unknown)}")
   return {**presets[name], **overrides}

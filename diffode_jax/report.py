@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from diffode_jax import ode
+from diffode_jax.evaluation import START_PERTURBATION
 from diffode_jax.likelihood import EvalSettings, start_gamma
 from diffode_jax.schedules import Schedule
 
@@ -55,7 +56,7 @@ REPRODUCIBLE_BPD = 0.01
 
 def start_sensitivity(rows: Sequence[dict]) -> dict[str, Any] | None:
   """How far the bounds of the checked rows moved when z0 moved by
-  ``evaluation.START_PERTURBATION`` (median, largest, count), or None if none was checked."""
+  ``START_PERTURBATION`` (median, largest, count), or None if none was checked."""
   moved = [r["start_sensitivity_bpd"] for r in rows if "start_sensitivity_bpd" in r]
   if not moved:
     return None
@@ -68,7 +69,8 @@ def sensitivity_warning(summary: dict[str, Any] | None, solver: ode.SolverConfig
   if summary is None or summary["reproducible"]:
     return None
   return (f"per-image bounds are not reproducible at rtol={solver.rtol:g}, atol="
-          f"{solver.atol:g}: moving the start by 1e-7 per component moved a bound by up to "
+          f"{solver.atol:g}: moving the start by "
+          f"{START_PERTURBATION:g} per component moved a bound by up to "
           f"{summary['max_bpd']:.3g} bits/dim (median {summary['median_bpd']:.2g}, "
           f"{summary['images']} images); per-image values are uncertain by about that much, "
           f"tighten eval.rtol/eval.atol (docs/evaluation.md, Reproducibility)")

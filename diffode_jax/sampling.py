@@ -75,9 +75,7 @@ class SampleSettings:
   def __post_init__(self) -> None:
     if self.decode not in DECODES:
       raise ValueError(f"unknown sample.decode {self.decode!r}; expected one of {DECODES}")
-    if self.solver.solver == "scipy_rk45":
-      raise ValueError(f"sampling solves on device: sample.solver must be one of "
-                       f"{tuple(ode.DIFFRAX_SOLVERS)}")
+    ode.check_on_device(self.solver, "sampling (sample.solver)")
     precision_lib.check(self.precision, "eval.precision")
 
 

@@ -123,6 +123,9 @@ class Schedule:
   def __post_init__(self) -> None:
     if self.name not in COEFFICIENT_FNS:
       raise ValueError(f"unknown schedule {self.name!r}; expected one of {SCHEDULES}")
+    self._check_range()
+
+  def _check_range(self) -> None:
     if not self.gamma_min < self.gamma_max:
       raise ValueError(
           f"gamma_min ({self.gamma_min}) must be below gamma_max ({self.gamma_max})")

@@ -289,7 +289,7 @@ def test_reproducibility_check_is_the_bound_from_a_moved_start(loaded):
   images = data.load_split(loaded.config.data, "test").images[:24]
   key = eval_key(loaded.config)
   rows = [r for batch in evaluate_batches(plain, loaded.params, images, 16, key, settings,
-                                          c.dim, check_fn=moved) for r in batch]
+                                          c.dim, perturbed_log_prob_fn=moved) for r in batch]
   assert [("start_sensitivity_bpd" in r) for r in rows] == [True] * 16 + [False] * 8
   bkey = jax.random.fold_in(key, 0)
   a = plain(loaded.params, images[:16], bkey).log_prob

@@ -348,3 +348,45 @@ def test_the_examples_of_docs_own_model_run():
   assert [line.rsplit(" ", 1)[0] for line in lines] == ["EDM denoiser", "rectified flow",
                                                          "DDPM eps"]
   assert all(math.isfinite(float(line.rsplit(" ", 1)[1])) for line in lines)
+
+
+def test_with_params_evaluates_the_new_params_and_refuses_another_structure():
+  """model.with_params(p) gives the bits/dim of from_fn(..., p); a params tree of another
+  structure is one ConfigError."""
+  path = dj.path("vp_cosine")
+
+  def fn(p, x, t):
+    return p["w"] * x
+
+  args = dict(predicts="eps", **path, num_levels=17, data_range=(-1, 1), image_shape=(4, 4, 1))
+  images = np.random.default_rng(0).integers(0, 17, (4, 4, 4, 1))
+  key = jax.random.PRNGKey(1)
+  base = dj.from_fn(fn, {"w": jnp.float32(0.0)}, **args)
+  moved = base.with_params({"w": jnp.float32(0.3)})
+  direct = dj.from_fn(fn, {"w": jnp.float32(0.3)}, **args)
+  np.testing.assert_array_equal(moved.bpd(images, key)[0], direct.bpd(images, key)[0])
+  assert not np.array_equal(moved.bpd(images, key)[0], base.bpd(images, key)[0])
+  with pytest.raises(ConfigError, match="structure"):
+    base.with_params({"v": jnp.float32(0.3)})
+
+
+def test_the_likelihood_finetune_example_runs():
+  """examples/likelihood_finetune.py at a tiny budget: every model gets a finite test
+  bits/dim, one loss per fine-tune step, and the fine-tune moved the params (its full run
+  is quoted in docs/own_model.md)."""
+  import importlib.util
+  import os
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "likelihood_finetune", os.path.join(root, "examples", "likelihood_finetune.py"))
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  results = example.run(pretrain_steps=5, finetune_steps=2, test_images=8, batch=8,
+                        finetune_lr=1e-3, width=8)
+  assert len(results["finetune_losses"]) == 2
+  assert all(math.isfinite(v) for v in results["finetune_losses"])
+  names = ("pretrained", "likelihood fine-tune", "control (flow matching)")
+  for name in names:
+    assert results[name]["bpd"].shape == (8,) and np.isfinite(results[name]["bpd"]).all()
+  assert not np.array_equal(results["pretrained"]["bpd"], results["likelihood fine-tune"]["bpd"])

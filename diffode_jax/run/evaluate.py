@@ -118,9 +118,9 @@ def _evaluate_model(config: ml_collections.ConfigDict, workdir: str, components:
   split = _load_eval_split(config, mesh if log_prob.mesh is not None else None)
   images = split.images if e.num_images is None else split.images[:e.num_images]
   sde_fn = make_sde_fn(components.loss_fn, settings, mesh)
-  check_fn = (make_log_prob_fn(components.drift, components.schedule, components.num_levels,
-                               settings, mesh, start_perturbation=START_PERTURBATION)
-              if e.reproducibility_check else None)
+  perturbed = (make_log_prob_fn(components.drift, components.schedule, components.num_levels,
+                                settings, mesh, start_perturbation=START_PERTURBATION)
+               if e.reproducibility_check else None)
   num_devices = mesh.size if log_prob.mesh is not None else 1
 
   fields = run_fields(config, settings, components.schedule, ckpt_step, e.batch_size)
@@ -131,7 +131,7 @@ def _evaluate_model(config: ml_collections.ConfigDict, workdir: str, components:
                  "images_fingerprint": images_fingerprint(images)}
   try:
     return _evaluate_and_write(config, workdir, log_prob, params, images, settings,
-                               components, sde_fn, fields, data_fields, num_devices, check_fn)
+                               components, sde_fn, fields, data_fields, num_devices, perturbed)
   except OSError as err:  # a full disk or a read-only workdir, on any write of eval/
     raise WorkdirError(f"cannot write the evaluation to {paths.eval_dir(workdir)}: "
                        f"{storage.describe(err)}; the batches written before are kept, "
@@ -142,7 +142,8 @@ def _evaluate_and_write(config: ml_collections.ConfigDict, workdir: str, log_pro
                         params: Any, images: np.ndarray | data_lib.RowSubset,
                         settings: EvalSettings, components: Components,
                         sde_fn: Callable[..., np.ndarray], fields: dict, data_fields: dict,
-                        num_devices: int, check_fn: LogProbFn | None = None) -> dict:
+                        num_devices: int,
+                        perturbed_log_prob_fn: LogProbFn | None = None) -> dict:
   e = config.eval
   is_chief = jax.process_index() == 0
   evaluations = eval_rows.Evaluations(workdir)
@@ -158,7 +159,7 @@ def _evaluate_and_write(config: ml_collections.ConfigDict, workdir: str, log_pro
   try:
     for rows in evaluate_batches(log_prob, params, images, e.batch_size,
                                  keys.eval_key(config), settings, components.dim, sde_fn,
-                                 first_batch, check_fn):
+                                 first_batch, perturbed_log_prob_fn):
       bar.update(len(rows))
       if per_image is not None:
         per_image.add(rows)
