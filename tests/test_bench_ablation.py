@@ -167,3 +167,24 @@ def test_paired_differences_of_the_final_models_are_per_image_means():
   assert row == f"| velocity, IS tn - eps, uniform t tn | +{5 / 6:.3f} +- {se:.3f} |"
   assert any(l.startswith("| velocity, IS: tn - ELBO |") for l in lines)
   assert ablation._pm((0.0021, 0.0003)) == "+0.0021 +- 0.0003"  # no "+- 0.000"
+
+
+def test_compare_results_ignores_only_timing_and_commit(tmp_path, capsys, monkeypatch):
+  """bench/compare_results.py: a file that differs in wall time and commit only is
+  identical; one changed digit of a bits/dim is a difference (exit 1)."""
+  import json
+
+  import compare_results
+
+  row = {"steps": 600, "train_seconds": 12.0, "commit": "abc",
+         "eval": {"tn": {"bpd": 2.1501, "wall_s": 3.0}}}
+  old, same, changed = (tmp_path / n for n in ("old.json", "same.json", "changed.json"))
+  old.write_text(json.dumps({"results": {"s": row}}))
+  same.write_text(json.dumps({"results": {"s": {**row, "train_seconds": 99.0, "commit": "d",
+                                                 "eval": {"tn": {"bpd": 2.1501,
+                                                                 "wall_s": 9.0}}}}}))
+  changed.write_text(json.dumps({"results": {"s": {**row, "eval": {"tn": {"bpd": 2.1502}}}}}))
+  for new, status, word in ((same, 0, "identical"), (changed, 1, "differs in eval")):
+    monkeypatch.setattr(sys, "argv", ["compare_results.py", str(old), str(new)])
+    assert compare_results.main() == status
+    assert word in capsys.readouterr().out

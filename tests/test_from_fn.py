@@ -376,12 +376,17 @@ def test_the_likelihood_finetune_example_runs():
   is quoted in docs/own_model.md)."""
   import importlib.util
   import os
+  import sys
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location(
       "likelihood_finetune", os.path.join(root, "examples", "likelihood_finetune.py"))
   example = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(example)
+  sys.modules[spec.name] = example  # flax's dataclass modules look their module up
+  try:
+    spec.loader.exec_module(example)
+  finally:
+    del sys.modules[spec.name]
   results = example.run(pretrain_steps=5, finetune_steps=2, test_images=8, batch=8,
                         finetune_lr=1e-3, width=8)
   assert len(results["finetune_losses"]) == 2
