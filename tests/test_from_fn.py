@@ -170,7 +170,15 @@ def test_path_schedule_is_consistent():
     np.testing.assert_allclose(c.sigma, path["sigma"](t) / 0.5, rtol=1e-5)
 
 
-def test_tiny_project_model_through_from_fn_gives_the_same_bpd():
+@pytest.mark.parametrize("overrides,tol,same_nfe", [
+    ({}, 1e-4, True), ({"num_importance": 2, "divergence": "exact"}, 1e-4, True),
+    ({"dequantization": "u"}, 1e-6, False)], ids=["tn", "K2-exact", "u"])
+def test_tiny_project_model_through_from_fn_gives_the_same_bpd(overrides, tol, same_nfe):
+  """Evaluation settings reach a from_fn model as they reach the project's own: the same
+  per-image bits/dim (and NFE) under tn, K = 2 with the exact trace, and u. The u start
+  (gamma_u, a uniform point in the bin) is worse conditioned on this untrained field: at
+  rtol 1e-4 the two solves differ by up to 0.034 bits/dim, at 1e-6 by 7e-4 (measured), so
+  u is compared at 1e-6, where the step sequences differ slightly (703 and 727 NFE)."""
   import tiny
   from diffode_jax import data
   from diffode_jax.config import finalize_config
@@ -195,7 +203,7 @@ def test_tiny_project_model_through_from_fn_gives_the_same_bpd():
                     data_range=(-1, 1), image_shape=(8, 8, 1))
   images = data.load_split(config.data, "test").images[:4]
   key = jax.random.PRNGKey(5)
-  settings = direct.eval_settings(rtol=1e-4, atol=1e-4)
+  settings = direct.eval_settings(rtol=tol, atol=tol, **overrides)
   rows_direct, _ = direct.per_image(images, key, settings=settings)
   rows_mine, report = mine.per_image(images, key, settings=settings)
   # The two drifts agree to float32 roundoff (about 1e-7 relative: autodiff coefficients
@@ -203,7 +211,7 @@ def test_tiny_project_model_through_from_fn_gives_the_same_bpd():
   # rtol 1e-4, far below its solver error (0.02-0.1 bits/dim between rtol 1e-4 and 1e-6).
   np.testing.assert_allclose([r["bpd"] for r in rows_mine], [r["bpd"] for r in rows_direct],
                              atol=3e-3)
-  assert [r["nfe"] for r in rows_mine] == [r["nfe"] for r in rows_direct]
+  assert ([r["nfe"] for r in rows_mine] == [r["nfe"] for r in rows_direct]) or not same_nfe
   assert "sde_bpd" in rows_direct[0] and "sde_bpd" not in rows_mine[0]
   assert report["arch"] == "from_fn" and report["parameterization"] == "dx_dt"
 
