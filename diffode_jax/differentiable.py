@@ -11,10 +11,9 @@ solve; memory grows with the log of max_steps times the state, not with the step
 
 With the key of batch 0, ``jax.random.fold_in(key, 0)``, and all images in one batch it
 equals ``Model.log_prob(images, key)`` on one device (same noise, probe and steps) in
-float32; under ``jax_enable_x64`` this function solves in float64. A
+float32. The state is solved in the default float type (float64 under
+``jax_enable_x64``); the dequantization noise is drawn in float32 as in the evaluator. A
 solve that fails (max_steps, non-finite) gives NaN for the batch, never a quiet number.
-The state is solved in the default float type (float64 under ``jax_enable_x64``); the
-dequantization noise is drawn in float32 as in the evaluator.
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def _on_host(parts: _Parts, mesh: jax.sharding.Mesh | None) -> LogProbFn:
 
 
 def solve_sample(parts: _Parts, params: PyTree, k: jax.Array, key: jax.Array,
-                 num_real: int | None = None, rows: Any = None,
+                 num_real: int | None = None, rows: jax.sharding.Sharding | None = None,
                  dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One importance sample of the bound on device, traceable: (bounds (N,), nfe, ok).
 
