@@ -360,10 +360,6 @@ def from_fn(fn: UserFn, params: Any, *, predicts: str, alpha: Callable[[jax.Arra
   gamma_max = path.gamma_max
   schedule = own_model.PathSchedule("user", gamma_min, gamma_max, path)
   components = own_model.FnComponents(schedule, fn, predicts, math.prod(shape), num_levels)
-  def solver(cfg: ode.SolverConfig) -> dict[str, Any]:  # the library's eval / sample defaults
-    return {"solver": cfg.solver, "rtol": cfg.rtol, "atol": cfg.atol,
-            "max_steps": cfg.max_steps, "norm": cfg.norm, "time": cfg.time}
-
   config = ml_collections.ConfigDict({
       "seed": 0,
       "data": {"dataset": "from_fn", "image_size": shape[0], "image_width": shape[1],
@@ -376,7 +372,7 @@ def from_fn(fn: UserFn, params: Any, *, predicts: str, alpha: Callable[[jax.Arra
                "gamma_u": default_gamma_u(num_levels),
                "precision": precision_lib.DEFAULT_EVAL_PRECISION,
                "exact_trace_chunk": None, "batch_size": 128,
-               **solver(DEFAULT_EVAL_SOLVER)},
-      "sample": {"decode": DEFAULT_DECODE, "batch_size": 64, **solver(DEFAULT_SAMPLE_SOLVER)},
+               **DEFAULT_EVAL_SOLVER.section_fields()},
+      "sample": {"decode": DEFAULT_DECODE, "batch_size": 64, **DEFAULT_SAMPLE_SOLVER.section_fields()},
   })
   return Model(config, components, params, None)

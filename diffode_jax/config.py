@@ -171,9 +171,7 @@ def eval_settings(config: ml_collections.ConfigDict, **overrides: Any) -> EvalSe
   """
   e = config.eval
   solver_fields = {f.name for f in dataclasses.fields(ode.SolverConfig)}
-  solver_kw = {"solver": e.solver, "rtol": e.rtol, "atol": e.atol, "max_steps": e.max_steps,
-               "norm": e.norm, "time": e.time}
-  solver_kw.update({k: v for k, v in overrides.items() if k in solver_fields})
+  solver_kw = {k: v for k, v in overrides.items() if k in solver_fields}
   rest = {k: v for k, v in overrides.items() if k not in solver_fields}
   unknown = set(rest) - set(EVAL_OVERRIDES)
   if unknown:
@@ -185,7 +183,7 @@ def eval_settings(config: ml_collections.ConfigDict, **overrides: Any) -> EvalSe
   kw = {name: e[name] for name in EVAL_OVERRIDES}
   kw.update(rest)
   try:
-    settings = EvalSettings(solver=ode.SolverConfig(**solver_kw), **kw)
+    settings = EvalSettings(solver=ode.SolverConfig.from_section(e, **solver_kw), **kw)
   except (TypeError, ValueError) as err:
     raise ConfigError(str(err)) from None
   m = config.model

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import diffrax
 import jax
@@ -183,6 +183,21 @@ class SolverConfig:
     if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) \
         or self.max_steps < 1:
       raise ValueError(f"solver max_steps must be an integer >= 1, got {self.max_steps!r}")
+
+  # The fields a config section (config.eval, config.sample) holds; the PID coefficients
+  # are API-only.
+  SECTION_FIELDS: ClassVar[tuple[str, ...]] = ("solver", "rtol", "atol", "max_steps", "norm",
+                                               "time")
+
+  @classmethod
+  def from_section(cls, section: Any, **overrides: Any) -> SolverConfig:
+    """The solver of config.eval or config.sample, with ``overrides`` (any field) on top
+    (ValueError for a bad value)."""
+    return cls(**{**{name: section[name] for name in cls.SECTION_FIELDS}, **overrides})
+
+  def section_fields(self) -> dict[str, Any]:
+    """The inverse of ``from_section``: the values a config section holds."""
+    return {name: getattr(self, name) for name in self.SECTION_FIELDS}
 
 
 # The start time of the 8-bit default (tn at gamma_min = -2 log(3 * 256)): the solver

@@ -83,10 +83,7 @@ def sample_settings(config: ml_collections.ConfigDict) -> SampleSettings:
   """SampleSettings from config.sample, with config.eval.precision (ValueError on a bad
   choice)."""
   s = config.sample
-  return SampleSettings(s.decode, ode.SolverConfig(solver=s.solver, rtol=s.rtol, atol=s.atol,
-                                                   max_steps=s.max_steps, norm=s.norm,
-                                                   time=s.time),
-                        config.eval.precision)
+  return SampleSettings(s.decode, ode.SolverConfig.from_section(s), config.eval.precision)
 
 
 def flow(drift: ParamsDriftFn, params: PyTree, x: jax.Array, gamma_from: FloatLike,

@@ -180,3 +180,17 @@ def test_api_overrides_are_checked_by_the_same_table(override, message):
 def test_a_zero_meaning_off_admits_no_negative_neighbour():
   rule = config_fields.FIELDS["training.grad_clip"]
   assert rule.ok(0) and rule.ok(0.0) and rule.ok(1e-9) and not rule.ok(-1e-9)
+
+
+@pytest.mark.parametrize("name", [n for n, _ in shipped_configs()])
+def test_the_solver_sections_map_to_solver_configs_and_back(name):
+  """config.eval and config.sample hold exactly ode.SolverConfig.SECTION_FIELDS of the
+  solver, each with a rule, and from_section / section_fields are inverses on them."""
+  from diffode_jax import ode
+  config = dict(shipped_configs())[name]
+  for section in ("eval", "sample"):
+    values = {f: config[section][f] for f in ode.SolverConfig.SECTION_FIELDS}
+    assert all(f"{section}.{f}" in config_fields.FIELDS for f in values)
+    assert ode.SolverConfig.from_section(config[section]).section_fields() == values
+  solver = ode.SolverConfig.from_section(config.eval, rtol=3e-4)
+  assert (solver.rtol, solver.atol) == (3e-4, config.eval.atol)

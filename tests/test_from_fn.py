@@ -12,7 +12,11 @@
 * Bad input is one DiffodeError line.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +27,8 @@ from jax.scipy.special import erf
 import diffode_jax as dj
 from diffode_jax.errors import ConfigError, DataError, DiffodeError, LikelihoodError
 from diffode_jax.likelihood import draw_noise
+
+import procs
 
 FORMS = ("eps", "x0", "score", "dx_dt")
 SHAPE = (2, 2, 1)
@@ -63,15 +69,16 @@ def _levels(n, v, seed=0):
   return np.random.RandomState(seed).randint(0, v, (n,) + SHAPE).astype(np.uint8)
 
 
-def _gaussian_closed_form(model, params, k, key, settings):
-  """log N(x1; 0, sigma_1^2) + D/2 log(v1 / v0) of the linear flow from the start state."""
+def _gaussian_closed_form(model, params, k, key, settings, batch=0):
+  """log N(x1; 0, sigma_1^2) + D/2 log(v1 / v0) of the linear flow from the start state
+  (k: one whole batch, number ``batch`` of the evaluation)."""
   sched = model.components.schedule
   lo, hi = model.config.model.data_range
   scale, shift = (hi - lo) / 2, (hi + lo) / 2
   mp = (params["m"] - shift) / scale  # the Gaussian in the library's units
   s2p = jnp.exp(2 * params["log_s"]) / scale**2
   deq, _ = draw_noise(settings, sched, model.components.num_levels, jnp.asarray(k),
-                      jax.random.fold_in(jax.random.fold_in(key, 0), 0))
+                      jax.random.fold_in(jax.random.fold_in(key, batch), 0))
   c0, c1 = sched.coefficients(jnp.float32(sched.gamma_min)), sched.coefficients(
       jnp.float32(sched.gamma_max))
   v0, v1 = c0.alpha**2 * s2p + c0.sigma**2, c1.alpha**2 * s2p + c1.sigma**2
@@ -383,8 +390,6 @@ def test_the_likelihood_finetune_example_runs():
   bits/dim, one loss per fine-tune step, and the fine-tune moved the params (its full run
   is quoted in docs/own_model.md)."""
   import importlib.util
-  import os
-  import sys
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location(
@@ -403,3 +408,41 @@ def test_the_likelihood_finetune_example_runs():
   for name in names:
     assert results[name]["bpd"].shape == (8,) and np.isfinite(results[name]["bpd"]).all()
   assert not np.array_equal(results["pretrained"]["bpd"], results["likelihood fine-tune"]["bpd"])
+
+
+def _gaussian_rows(batch_size):
+  """per_image of the exact Gaussian model (eps form, VP linear path) on eight images in
+  whole batches: the rows, the report's device count, and the closed form."""
+  params = {"m": jnp.full(SHAPE, 0.3), "log_s": jnp.float32(math.log(0.2))}
+  path = dj.path("vp_linear", t_min=dj.path("vp_linear")["t_min"] / 4)  # clean enough for tn
+  model = dj.from_fn(_user_fn("eps", path["alpha"], path["sigma"], _gaussian_x0), params,
+                     predicts="eps", **path, num_levels=256, data_range=(0.0, 1.0),
+                     image_shape=SHAPE)
+  settings = model.eval_settings(divergence="exact", rtol=1e-6, atol=1e-6)
+  k, key = _levels(8, 256, seed=5), jax.random.PRNGKey(2)
+  rows, report = model.per_image(k, key, batch_size, settings=settings)
+  want = np.concatenate([
+      _gaussian_closed_form(model, params, k[b:b + batch_size], key, settings, b // batch_size)
+      for b in range(0, len(k), batch_size)])
+  return rows, report["num_devices"], want
+
+
+@pytest.mark.subprocess
+def test_a_users_model_splits_its_batches_over_devices():
+  """The same user model in a process with two devices: each batch is split over both
+  (the report says 2), every image keeps its closed-form bound, and the rows equal the
+  one-device rows (one step control for the whole batch: the same NFE)."""
+  code = ("import json, sys; sys.path.insert(0, 'tests'); import test_from_fn as t; "
+          "rows, devices, want = t._gaussian_rows(4); "
+          "print(json.dumps({'rows': rows, 'devices': devices, 'want': want.tolist()}))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=procs.REPO, env=procs.env(devices=2),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  two = json.loads(out.stdout.strip().splitlines()[-1])
+  one_rows, one_devices, _ = _gaussian_rows(4)
+  assert (two["devices"], one_devices) == (2, jax.local_device_count())
+  assert [r["index"] for r in two["rows"]] == list(range(8))
+  np.testing.assert_allclose([r["log_prob"] for r in two["rows"]], two["want"], atol=2e-3)
+  np.testing.assert_allclose([r["log_prob"] for r in two["rows"]],
+                             [r["log_prob"] for r in one_rows], rtol=1e-5)
+  assert [r["nfe"] for r in two["rows"]] == [r["nfe"] for r in one_rows]
