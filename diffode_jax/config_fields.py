@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, TypeAlias
 from diffode_jax.data.spec import DATASETS
 from diffode_jax.dequantization import EVAL_DEQUANTIZATIONS, TRAIN_DEQUANTIZATIONS
 from diffode_jax.errors import ConfigError
+from diffode_jax.keys import SDE_KEY_INDEX
 from diffode_jax.networks.unet import COND_INPUTS, TIME_EMBEDDINGS, TIME_PROJS
 from diffode_jax.ode import DIVERGENCES, NORMS, SOLVERS, TIMES
 from diffode_jax.parameterization import PARAMETERIZATIONS
@@ -203,7 +204,7 @@ FIELDS: dict[str, Rule] = {
     # eval
     "eval.split": Text(),
     "eval.dequantization": Choice(EVAL_DEQUANTIZATIONS),
-    "eval.num_importance": Int(1),
+    "eval.num_importance": Int(1, SDE_KEY_INDEX - 1),  # keys.py: K keys below the SDE key
     "eval.analytic_entropy": Flag(),
     "eval.divergence": Choice(DIVERGENCES),
     "eval.solver": Choice(SOLVERS),

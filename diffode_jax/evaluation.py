@@ -3,7 +3,7 @@ shared by ``run.evaluate``, periodic evaluation in training and the Python API).
 
 Batch b draws with bkey = fold_in(key, b); its K dequantization samples use
 fold_in(bkey, i), i = 0..K-1 (``likelihood.LogProbFn``), and its sde_bpd term uses
-fold_in(bkey, SDE_KEY_INDEX), an index no K reaches, so the two draws never share a key.
+fold_in(bkey, SDE_KEY_INDEX), an index no K reaches (the table in ``keys.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from diffode_jax import parallel
 from diffode_jax.errors import LikelihoodError
+from diffode_jax.keys import SDE_KEY_INDEX
 from diffode_jax.likelihood import Bound, EvalSettings, LogProbFn, bits_per_dim
 from diffode_jax.placement import place_batch
 
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 
 PyTree = Any
 
-# Part of every reported sde_bpd: keep it.
-SDE_KEY_INDEX = 1 << 20
 # The reproducibility check moves every component of z0 by this much (one float32
 # rounding step of a value of order 1).
 START_PERTURBATION = 1e-7

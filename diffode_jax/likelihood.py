@@ -46,6 +46,7 @@ from diffode_jax.dequantization import (DEFAULT_EVAL_DEQUANTIZATION, EVAL_DEQUAN
 from diffode_jax.discretization import nats_to_bpd
 from diffode_jax.errors import LikelihoodError  # noqa: F401  (re-exported)
 from diffode_jax.errors import warn
+from diffode_jax.keys import PERTURBATION_KEY_INDEX
 from diffode_jax.schedules import Schedule
 
 PyTree = Any
@@ -283,9 +284,6 @@ def draw_noise(settings: EvalSettings, schedule: Schedule, num_levels: int, k: j
   return deq, ode.draw_probe(settings.divergence, k_probe, k.shape)
 
 
-# The reproducibility check's signs: fold_in(sample key, this), a key apart from the split
-# of the sample key that gives the dequantization and probe keys.
-PERTURBATION_KEY_INDEX = 1 << 21
 
 
 def _perturbed(prepare: Callable[[jax.Array, jax.Array], tuple[Any, jax.Array | None]],

@@ -85,7 +85,9 @@ OUTSIDE = [
     ("data.tfds_train_split", "", "data.tfds_train_split must be a non-empty string"),
     ("data.num_levels", 1, "data.num_levels must be an integer >= 2"),
     ("eval.rtol", 0.5, "eval.rtol must be a number in (0, 0.1]"),
-    ("eval.num_importance", 0, "eval.num_importance must be an integer >= 1"),
+    ("eval.num_importance", 0, "eval.num_importance must be an integer in [1, 1048575]"),
+    # K sample keys stay below the sde_bpd key (keys.py)
+    ("eval.num_importance", 1 << 20, "eval.num_importance must be an integer in [1, 1048575]"),
     ("eval.exact_trace_chunk", 0, "eval.exact_trace_chunk must be an integer >= 1, or None"),
     ("sample.solver", "scipy_rk45", "unknown sample.solver 'scipy_rk45'"),
     ("seed", -1, "seed must be an integer >= 0"),
@@ -164,8 +166,8 @@ def test_u_starts_inside_the_schedule(gamma_u, ok):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"num_importance": 0}, "eval.num_importance must be an integer >= 1"),
-    ({"num_importance": 2.5}, "eval.num_importance must be an integer >= 1"),
+    ({"num_importance": 0}, "eval.num_importance must be an integer in [1, 1048575]"),
+    ({"num_importance": 2.5}, "eval.num_importance must be an integer in [1, 1048575]"),
     ({"rtol": -1.0}, "eval.rtol must be a number in (0, 0.1]"),
     ({"max_steps": 0}, "eval.max_steps must be an integer >= 1"),
     ({"dequantization": "gauss"}, "unknown eval.dequantization 'gauss'"),
