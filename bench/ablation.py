@@ -2,7 +2,7 @@
 
     python bench/ablation.py                 # full run: about 2.5 hours on 2 CPU cores
     python bench/ablation.py --quick         # reduced budget, minutes
-    python bench/ablation.py --budget=long   # the best digits setting at 4x the steps, ~1 h
+    python bench/ablation.py --budget=long --datasets=digits   # the best digits setting, 4x the steps, ~50 min
     python bench/ablation.py --paired        # per-image values for the paired differences
                                              # (of the --settings given, else of all)
     python bench/ablation.py --budget=long --datasets=photo_patches   # issue 16, hours
