@@ -283,7 +283,12 @@ def study_model(label: str, workdir: str, num_images: int, batch: int, shards=()
   model = dj.load(workdir)
   images = data.load_split(model.config.data, "test").images[:num_images]
   key = dj.eval_key(model.config)
-  out = {"model": label, "workdir": workdir, "checkpoint_step": model.step,
+  # The results name the workdir as a user's checkout would (relative to the repository).
+  repo = os.path.dirname(os.path.dirname(RESULTS))
+  shown = os.path.abspath(workdir)
+  if shown.startswith(repo + os.sep):
+    shown = os.path.relpath(shown, repo)
+  out = {"model": label, "workdir": shown, "checkpoint_step": model.step,
          "images": len(images), "batch": batch, "rows": []}
   per_image = {}
   for tol in STUDY_TOLERANCES:
